@@ -1,0 +1,191 @@
+"""Primitives shared by every family: activations, masks, embeddings, attention, feed-forward, the post-LN block.
+
+All three families (BERT, ALBERT, DistilBERT) use the same post-LayerNorm block; they differ in embeddings,
+sharing and heads, which live in ``models/`` and ``heads.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def activation(name: str):
+    """The activation as one fused op. ALBERT's ``gelu_new`` is the tanh approximation."""
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"hidden_act: unknown activation {name!r}")
+
+
+@dataclass
+class EncoderOutput:
+    """What every encoder returns. Shapes: last_hidden_state (B, T, H), pooler_output (B, H) or None,
+    hidden_states: tuple of (B, T, H), one per pass plus the embedding output; attentions: tuple of (B, nh, T, T)."""
+
+    last_hidden_state: Tensor
+    pooler_output: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+def key_padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """(B, T) 1/0 mask -> (B, 1, 1, T) bool mask for SDPA, or None when nothing is padded.
+
+    Returning None when there is no padding lets SDPA pick its fastest kernel; the (B, 1, 1, T) mask broadcasts
+    over heads and queries, so a (B, nh, T, T) mask is never materialised.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if bool(mask.all()):
+        return None
+    return mask[:, None, None, :]  # (B, 1, 1, T)
+
+
+def sinusoidal_positions(num_positions: int, dim: int) -> Tensor:
+    """Fixed sin/cos position table (Vaswani et al. 2017), as DistilBERT's ``sinusoidal_pos_embds``."""
+    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(num_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
+    return table.float()
+
+
+class Embeddings(nn.Module):
+    """word + position (+ token type) -> LayerNorm -> dropout, at width ``dim`` (E for ALBERT, H otherwise)."""
+
+    def __init__(self, vocab_size: int, dim: int, max_positions: int, type_vocab_size: int, eps: float,
+                 dropout: float, pad_token_id: int = 0, sinusoidal: bool = False):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, dim, padding_idx=pad_token_id)
+        self.position = nn.Embedding(max_positions, dim)
+        if sinusoidal:
+            self.position.weight.data.copy_(sinusoidal_positions(max_positions, dim))
+            self.position.weight.requires_grad_(False)
+        self.token_type = nn.Embedding(type_vocab_size, dim) if type_vocab_size else None
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        T = input_ids.shape[1]
+        if T > self.position.num_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings ({self.position.num_embeddings})")
+        x = self.word(input_ids) + self.position.weight[:T]  # (B, T, E)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                x = x + self.token_type.weight[0]
+            else:
+                x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection, output projection, residual and LayerNorm.
+
+    ``impl="sdpa"`` uses ``F.scaled_dot_product_attention`` with a key-padding mask; ``"eager"`` is the
+    explicit softmax and is used when attention probabilities are requested.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, attn_dropout: float, hidden_dropout: float, eps: float,
+                 impl: str = "sdpa"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.impl = impl
+        self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(hidden_dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        p = self.attn_dropout if self.training else 0.0
+        probs = None
+        if self.impl == "sdpa" and not output_attentions:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(dim=-1)
+            y = F.dropout(probs, p, self.training) @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        return self.norm(x + self.dropout(self.out(y))), probs
+
+
+class FeedForward(nn.Module):
+    """up-projection -> activation -> down-projection, residual and LayerNorm."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, dropout: float, eps: float):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, intermediate_size)
+        self.down = nn.Linear(intermediate_size, hidden_size)
+        self.act = activation(act)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.down(self.act(self.up(x)))))
+
+
+class Block(nn.Module):
+    """A post-LN transformer block: attention sub-layer then feed-forward sub-layer."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn = make_attention(config)
+        self.ffn = make_ffn(config)
+
+    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+        x, probs = self.attn(x, mask, output_attentions)
+        return self.ffn(x), probs
+
+
+def make_attention(config) -> SelfAttention:
+    return SelfAttention(config.hidden_size, config.num_attention_heads, config.attention_probs_dropout_prob,
+                         config.hidden_dropout_prob, config.layer_norm_eps, config.attn_implementation)
+
+
+def make_ffn(config) -> FeedForward:
+    return FeedForward(config.hidden_size, config.intermediate_size, config.hidden_act, config.hidden_dropout_prob,
+                       config.layer_norm_eps)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT initialisation: N(0, std) for projections and embeddings, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        if module.weight.requires_grad:  # sinusoidal tables are fixed
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def set_attn_implementation(model: nn.Module, impl: str) -> None:
+    """Switch every attention layer between ``sdpa`` and ``eager`` (outputs are the same up to rounding)."""
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {impl!r}")
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.impl = impl
+    if hasattr(model, "config"):
+        model.config.attn_implementation = impl
