@@ -271,12 +271,16 @@ def read_weights(model_dir: str | Path) -> dict[str, Tensor]:
     legacy = model_dir / "pytorch_model.bin"
     if legacy.exists():
         try:
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+            sd = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a plain tensor file"
             raise CheckpointError(
                 f"{legacy}: refused: this file needs arbitrary pickle code to load, which can run code on your "
                 f"machine. Only safetensors or tensors-only torch files are loaded ({type(e).__name__}: {e})"
             ) from None
+        bad = [k for k, v in sd.items() if not isinstance(v, Tensor)] if isinstance(sd, dict) else ["<top level>"]
+        if bad:
+            raise CheckpointError(f"{legacy}: not a tensor state dict (non-tensor entries: {', '.join(bad[:5])})")
+        return sd
     raise CheckpointError(f"{model_dir}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 

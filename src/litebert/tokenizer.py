@@ -77,8 +77,10 @@ class LiteTokenizer:
         found: dict[str, str] = {}
         missing: list[str] = []
         for role, candidates in _SPECIAL_CANDIDATES.items():
-            # Prefer a registered added token: a plain vocabulary entry that merely looks like "<pad>" is weaker evidence.
-            match = next((c for c in candidates if c in added), None) or next((c for c in candidates if c in vocab), None)
+            # Prefer a registered added token: a plain vocabulary entry that merely looks like "<pad>" is weaker
+            # evidence.
+            match = next((c for c in candidates if c in added), None)
+            match = match or next((c for c in candidates if c in vocab), None)
             if match is None:
                 missing.append(f"{role} ({' or '.join(candidates)})")
             else:
@@ -165,7 +167,8 @@ class LiteTokenizer:
         return self._tok.encode(text, add_special_tokens=False).tokens
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (a list or a 1-D tensor)."""
+        return self._tok.decode(_as_int_list(ids), skip_special_tokens=skip_special_tokens)
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         """Unknown tokens map to the unk id, as in `transformers`."""
@@ -175,12 +178,15 @@ class LiteTokenizer:
         return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
+        """One id gives one token string; a list or tensor of ids (a 0-d tensor counts as one id) gives a list."""
+        if not isinstance(ids, int):
+            ids = _as_int_list(ids)  # a 0-d tensor comes back as a plain int
         if isinstance(ids, int):
             token = self._tok.id_to_token(ids)
             if token is None:
                 raise IndexError(f"token id {ids} out of range for vocabulary of {self.vocab_size}")
             return token
-        return [self.convert_ids_to_tokens(int(i)) for i in ids]  # type: ignore[misc]
+        return [self.convert_ids_to_tokens(i) for i in ids]  # type: ignore[misc]
 
     # -- batches for the pre-training pipeline -----------------------------------------------------------------------
 
@@ -213,10 +219,11 @@ class LiteTokenizer:
         """Encode a text or a batch the way a `transformers` fast tokenizer does.
 
         Returns ``input_ids``, ``attention_mask`` and ``token_type_ids``, each (B, T), plus ``offset_mapping``
-        (B, T, 2) in characters of the input text (special and pad tokens get (0, 0)), and ``overflow_to_sample_mapping``
-        (B,) when asked. With ``return_overflowing_tokens`` a text longer than ``max_length`` becomes several rows,
-        consecutive rows sharing ``stride`` tokens; B then counts rows, not texts. ``padding=True`` pads to the longest
-        row, ``"max_length"`` to ``max_length``. A single string with ``return_tensors=None`` gives unbatched lists.
+        (B, T, 2) in characters of the input text (special and pad tokens get (0, 0)), and
+        ``overflow_to_sample_mapping`` (B,) when asked. With ``return_overflowing_tokens`` a text longer than
+        ``max_length`` becomes several rows, consecutive rows sharing ``stride`` tokens; B then counts rows, not texts.
+        ``padding=True`` pads to the longest row, ``"max_length"`` to ``max_length``. A single string with
+        ``return_tensors=None`` gives unbatched lists.
         """
         single = isinstance(texts, str)
         batch_texts = [texts] if single else list(texts)
@@ -231,6 +238,8 @@ class LiteTokenizer:
             raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
         if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs max_length")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
 
         strategy = "longest_first" if truncation is True else truncation
         encodings = self._encode_batch(inputs, True, max_length if strategy else None, strategy or "longest_first",
@@ -265,8 +274,6 @@ class LiteTokenizer:
 
         if return_tensors == "pt":
             return _to_tensors(out)
-        if return_tensors is not None:
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if single and not return_overflowing_tokens:
             # Same rule as transformers: one string in, one unbatched sequence out (overflow keeps the batch axis).
             return {key: value[0] for key, value in out.items()}
@@ -314,6 +321,11 @@ class LiteTokenizer:
         return out
 
 
+def _as_int_list(ids: Any) -> Any:
+    # Model outputs arrive as tensors; the Rust side accepts only Python ints.
+    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+
+
 def _to_tensors(batch: dict[str, Any]) -> dict[str, Any]:
     import torch  # imported here so that training a tokenizer from the CLI does not pay for importing torch
 
@@ -336,11 +348,17 @@ def _bert_template(cls: str, sep: str, cls_id: int, sep_id: int) -> TemplateProc
     )
 
 
-def _finish(tok: Tokenizer, specials: Sequence[str]) -> None:
-    """Register the specials as never-split added tokens and attach the [CLS]/[SEP] template."""
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
-    cls, sep = "[CLS]", "[SEP]"
-    tok.post_processor = _bert_template(cls, sep, tok.token_to_id(cls), tok.token_to_id(sep))
+def _finish(tok: Tokenizer, specials: Sequence[str], source: str) -> None:
+    """Register the specials (pad, unk, cls, sep, mask order) as never-split added tokens; attach the template."""
+    # Only tokens the vocabulary has: adding a missing one would silently grow the vocabulary past the checkpoint's
+    # embedding matrix. LiteTokenizer reports whichever role is then missing.
+    present = [s for s in specials if tok.token_to_id(s) is not None]
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in present])
+    cls, sep = specials[2], specials[3]
+    cls_id, sep_id = tok.token_to_id(cls), tok.token_to_id(sep)
+    if cls_id is None or sep_id is None:
+        raise ValueError(f"{source} has no {cls} / {sep} tokens; BERT-family inputs need both")
+    tok.post_processor = _bert_template(cls, sep, cls_id, sep_id)
 
 
 def _bert_normalizer(lowercase: bool, config: dict[str, Any] | None = None) -> normalizers.Normalizer:
@@ -484,7 +502,7 @@ def train_tokenizer(
 
     paths = _usable_files(files)
     tok.train_from_iterator(_iter_lines(paths), trainer=trainer)
-    _finish(tok, specials)
+    _finish(tok, specials, "the trained vocabulary")
     lite = LiteTokenizer(tok, do_lower_case=lowercase)
     if out_dir is not None:
         lite.save(out_dir)
@@ -520,10 +538,7 @@ def _load_vocab_txt(path: Path, config: dict[str, Any]) -> LiteTokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     specials = [_special(config, role, f"[{role.upper()}]") for role in ("pad", "unk", "cls", "sep", "mask")]
-    present = [s for s in specials if tok.token_to_id(s) is not None]
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in present])
-    cls, sep = specials[2], specials[3]
-    tok.post_processor = _bert_template(cls, sep, tok.token_to_id(cls), tok.token_to_id(sep))
+    _finish(tok, specials, str(path))
     return LiteTokenizer(tok, do_lower_case=lowercase)
 
 
@@ -556,12 +571,7 @@ def _load_spiece(path: Path, config: dict[str, Any]) -> LiteTokenizer:
     defaults = {"pad": sp.id_to_piece(sp.pad_id()) if sp.pad_id() >= 0 else "<pad>",
                 "unk": sp.id_to_piece(sp.unk_id()), "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
     specials = [_special(config, role, default) for role, default in defaults.items()]
-    present = [s for s in specials if tok.token_to_id(s) is not None]
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in present])
-    cls, sep = specials[2], specials[3]
-    if tok.token_to_id(cls) is None or tok.token_to_id(sep) is None:
-        raise ValueError(f"{path} has no {cls} / {sep} pieces; train it with control_symbols=[CLS],[SEP],[MASK]")
-    tok.post_processor = _bert_template(cls, sep, tok.token_to_id(cls), tok.token_to_id(sep))
+    _finish(tok, specials, str(path))
     return LiteTokenizer(tok, do_lower_case=lowercase)
 
 
@@ -607,7 +617,7 @@ def load_tokenizer(path: PathLike) -> LiteTokenizer:
 
 
 def train_tokenizer_main(argv: list[str] | None = None) -> int:
-    """``litebert train-tokenizer``: train a tokenizer on text files and save it to a directory."""
+    """Train a tokenizer on plain-text files and save it to a directory (`litebert train-tokenizer`)."""
     parser = argparse.ArgumentParser(prog="litebert train-tokenizer", description=train_tokenizer_main.__doc__)
     parser.add_argument("--files", nargs="+", required=True,
                         help="plain-text training files, one text per line; globs (quoted) are expanded, ** included")

@@ -7,6 +7,7 @@ Every param group built here carries ``lr_scale`` (its layer-wise multiplier), `
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -54,8 +55,8 @@ class Lamb(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if weight_decay < 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, trust_ratio=trust_ratio,
-                        bias_correction=bias_correction)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "trust_ratio": trust_ratio, "bias_correction": bias_correction}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -155,7 +156,7 @@ def param_groups(
         if num_layers is None or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int when layer_decay is set, got {num_layers}")
         if layer_id_fn is None:
-            layer_id_fn = lambda name: default_layer_id(name, num_layers)  # noqa: E731
+            layer_id_fn = functools.partial(default_layer_id, num_layers=num_layers)
 
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():

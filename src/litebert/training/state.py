@@ -191,7 +191,7 @@ def _recover_strays(parent: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and CUDA generator states as tensors and plain containers."""
+    """Python, numpy, torch CPU and current-CUDA-device generator states as tensors and plain containers."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -202,7 +202,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # Current device only: get_rng_state_all() would create a context on every GPU of the host.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -217,10 +218,8 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), int(pos), int(has_gauss),
                          float(cached)))
     torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        cuda = list(rng["cuda"])[: torch.cuda.device_count()]
-        for i, s in enumerate(cuda):
-            torch.cuda.set_rng_state(s.cpu(), i)
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
 
 
 # --------------------------------------------------------------------------- save / load

@@ -1,0 +1,87 @@
+"""``litebert <command> ...``: one table from sub-command to the function that runs it.
+
+Each function takes the remaining arguments and returns an exit code. ``litebert --help`` lists the commands,
+``litebert <command> --help`` its options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from .config import ConfigError
+
+# command -> (module, function, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train-tokenizer": ("litebert.tokenizer", "train_tokenizer_main",
+                        "train a WordPiece (BERT) or Unigram (ALBERT) tokenizer on text files"),
+    "pretrain": ("litebert.training.pretrain", "pretrain_main",
+                 "pre-train an encoder with MLM + sentence-order prediction from raw text"),
+    "info": ("litebert.cli", "info_main", "print a model directory's or preset's configuration and size"),
+}
+
+
+def info_main(argv: list[str]) -> int:
+    """``litebert info MODEL_DIR_OR_PRESET``."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from . import build_encoder, from_pretrained, preset
+
+    parser = argparse.ArgumentParser(prog="litebert info", description=info_main.__doc__)
+    parser.add_argument("model", help="a model directory or a preset name (e.g. albert-base)")
+    args = parser.parse_args(argv)
+    if Path(args.model).is_dir():
+        model = from_pretrained(args.model)
+        config = model.config
+    else:
+        config = preset(args.model)
+        with torch.device("meta"):
+            model = build_encoder(config)
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"model_type": config.model_type, "class": type(model).__name__, "parameters": params,
+                      "config": config.to_hf_dict()}, indent=2))
+    return 0
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: litebert <command> [options]   (litebert <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"litebert: unknown command '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""),
+              file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module, func, _ = COMMANDS[name]
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"litebert {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""One training loop for pre-training, distillation and fine-tuning.
+
+Read it top to bottom: set up (DDP when launched by torchrun, optimizer, schedule, resume) -> repeat {accumulate
+micro-batches under bf16 autocast, clip, step, log, evaluate, checkpoint} -> write the final model, metrics and
+curves. What is optimised is an *objective*: a callable ``(model, batch) -> dict`` with a ``loss`` tensor and any
+other scalars to log. Evaluation is a callable ``(model) -> dict`` of metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from .optim import build_optimizer, build_scheduler
+from .state import checkpoint_dir, latest_checkpoint, load_training_state, prune_checkpoints, restore_rng
+from .state import save_training_state
+
+log = logging.getLogger(__name__)
+
+Objective = Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]]
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Steps are optimizer updates; batch_size is per process and micro-batch."""
+
+    max_steps: int = 1000
+    max_minutes: float | None = None  # stop (and save) after this wall time, whatever max_steps says
+    batch_size: int = 32
+    grad_accum: int = 1
+    optimizer: str = "lamb"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    schedule: str = "linear"
+    warmup_steps: int | None = None  # default: warmup_ratio * max_steps
+    warmup_ratio: float = 0.05
+    power: float = 1.0
+    layer_decay: float | None = None
+    clip_grad_norm: float | None = 1.0
+    bf16: bool = True
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    resume: bool = True
+    progress: bool = True
+    tensorboard: bool = True
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "lamb"):
+            raise ConfigError(f"train.optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.max_steps)
+
+
+# -- distributed ------------------------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). Under torchrun, joins the process group: gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def autocast(enabled: bool, device: torch.device):
+    """bf16 autocast: on CPUs with AMX it runs the GEMMs ~5x faster than fp32."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# -- metrics files ----------------------------------------------------------------------------------------------
+class MetricsWriter:
+    """``metrics.jsonl`` (one object per log/eval step) and optional TensorBoard events. Rank 0 only."""
+
+    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = is_main_process()
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # a resumed run drops what was logged after its checkpoint
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:
+                log.info("tensorboard is not installed; writing metrics.jsonl only (pip install tensorboard)")
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
+    """One panel per logged quantity (losses, eval metrics, learning rate) against the step."""
+    rows = read_metrics(metrics_path)
+    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+    keys = [k for k in keys if k not in ("elapsed_s", "epoch")]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows_n = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return Path(out_png)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+def _batches(loader: Iterable, dataset: Any) -> Iterable[dict[str, Tensor]]:
+    """Endless batches; each pass over the data is an epoch (``dataset.set_epoch`` reshuffles / remasks)."""
+    epoch = getattr(dataset, "epoch", 0)
+    while True:
+        produced = False
+        for batch in loader:
+            produced = True
+            yield batch
+        if not produced:
+            raise ValueError("the training data produced no batch (is the corpus smaller than one batch?)")
+        epoch += 1
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    loader: Iterable,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    evaluate: Evaluator | None = None,
+    save_final: Callable[[nn.Module, Path], None] | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` on batches from ``loader`` and return the final metrics.
+
+    ``loader.dataset`` may expose ``state_dict()``/``load_state_dict()`` (its position, for exact resume) and
+    ``set_epoch(e)``. Only ``model``'s parameters are optimised and checkpointed; an objective may hold other
+    modules (distillation's frozen teacher). ``save_final(model, dir)`` writes the final model directory (default: ``model.save_pretrained``).
+    """
+    out_dir = Path(out_dir)
+    rank, world = init_distributed()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed + rank)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    core = model.to(device)
+    optimizer = build_optimizer(core, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps,
+                                layer_decay=cfg.layer_decay,
+                                num_layers=getattr(getattr(core, "config", None), "num_hidden_layers", None))
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup, cfg.max_steps, power=cfg.power)
+    dataset = getattr(loader, "dataset", None)
+
+    step = 0
+    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if ckpt is not None:
+        state = load_training_state(ckpt)
+        core.load_state_dict(state["model_state"], strict=False)
+        optimizer.load_state_dict(state["optimizer_state"])
+        scheduler.load_state_dict(state["scheduler_state"])
+        if state["data_state"] and hasattr(dataset, "load_state_dict"):
+            dataset.load_state_dict(state["data_state"])
+        restore_rng(state["rng"])
+        step = state["step"]
+        if rank == 0:
+            log.warning("resuming from %s (step %d)", ckpt, step)
+
+    ddp = world > 1
+    train_model = nn.parallel.DistributedDataParallel(core) if ddp else core
+    metrics = MetricsWriter(out_dir, step, cfg.tensorboard)
+    use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
+    progress = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=step, desc=out_dir.name, dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        if rank == 0:
+            data_state = dataset.state_dict() if hasattr(dataset, "state_dict") else {}
+            save_training_state(checkpoint_dir(out_dir, step), model_state=core.state_dict(), optimizer=optimizer,
+                                scheduler=scheduler, step=step, data_state=data_state)
+            prune_checkpoints(out_dir, cfg.keep_checkpoints)
+        if ddp:
+            dist.barrier()
+
+    def run_eval() -> dict[str, float]:
+        if evaluate is None:
+            return {}
+        train_model.eval()
+        with torch.no_grad(), autocast(use_bf16, device):
+            result = _all_reduce_mean(evaluate(core))
+        train_model.train()
+        metrics.write(step, {f"eval_{k}": v for k, v in result.items()})
+        return result
+
+    start = time.perf_counter()
+    window: dict[str, float] = {}
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    last_eval: dict[str, float] = {}
+    stopped_by = "max_steps"
+    batches = iter(_batches(loader, dataset))
+    train_model.train()
+    try:
+        while step < cfg.max_steps:
+            if cfg.max_minutes is not None and time.perf_counter() - start > cfg.max_minutes * 60:
+                stopped_by = "max_minutes"
+                break
+            for micro in range(cfg.grad_accum):
+                batch = _to_device(next(batches), device)
+                sync = not ddp or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(use_bf16, device):
+                    out = objective(train_model, batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}: {loss.item()}")
+                (loss / cfg.grad_accum).backward()
+                for k, v in out.items():
+                    if isinstance(v, Tensor) and v.numel() == 1:
+                        window[k] = window.get(k, 0.0) + v.item() / cfg.grad_accum
+                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            grad_norm = None
+            if cfg.clip_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.clip_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            if progress is not None:
+                progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                row = {k: v / window_steps for k, v in window.items()}
+                row = _all_reduce_mean(row)
+                row.update(lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens * world / max(elapsed, 1e-9),
+                           elapsed_s=time.perf_counter() - start)
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                metrics.write(step, row)
+                if progress is not None:
+                    progress.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "lr") if k in row})
+                window, window_steps, window_tokens, window_start = {}, 0, 0, time.perf_counter()
+            if step % cfg.eval_every == 0:
+                last_eval = run_eval()
+            if step % cfg.save_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        log.warning("interrupted at step %d: saving a checkpoint to resume from", step)
+        checkpoint()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+    if step % cfg.save_every:
+        checkpoint()
+    if step % cfg.eval_every or not last_eval:
+        last_eval = run_eval()
+    metrics.close()
+    summary = {"step": step, "stopped_by": stopped_by, "train_seconds": round(time.perf_counter() - start, 1),
+               **{f"eval_{k}": v for k, v in last_eval.items()}}
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    if train_rows:
+        summary["final_train_loss"] = train_rows[-1]["loss"]
+        summary["tokens_per_s"] = sum(r["tokens_per_s"] for r in train_rows) / len(train_rows)
+    if rank == 0:
+        final = out_dir / "final"
+        (save_final or (lambda m, d: m.save_pretrained(d)))(core, final)
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", title=out_dir.name)
+    if ddp:
+        dist.barrier()
+    return summary
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)
