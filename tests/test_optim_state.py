@@ -329,6 +329,8 @@ def test_rng_round_trip(tmp_path):
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
     np.testing.assert_array_equal(got[2], expected[2])
     assert got[3] == expected[3]
+    with pytest.raises(ValueError, match="rng=False"):
+        restore_rng(load_training_state(_save(tmp_path, 1))["rng"])
 
 
 def _train(model, opt, sched, steps):
@@ -395,3 +397,22 @@ def test_load_refuses_pickled_objects(tmp_path):
     assert is_complete(target, verify_hashes=True)
     with pytest.raises(pickle.UnpicklingError):
         load_training_state(target)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_round_trip_and_lamb_on_gpu(tmp_path):
+    torch.cuda.manual_seed(3)
+    path = save_training_state(tmp_path / "ckpt", model_state={"w": torch.ones(2, device="cuda")}, step=0)
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(99)
+    state = load_training_state(path, map_location="cuda")
+    restore_rng(state)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+    assert state["model_state"]["w"].is_cuda
+
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], device="cuda"))
+    q = nn.Parameter(p.detach().cpu())
+    for param in (p, q):
+        param.grad = torch.tensor([0.5, -0.25, 1.0], device=param.device)
+        Lamb([param], lr=0.1, weight_decay=0.01).step()
+    torch.testing.assert_close(p.detach().cpu(), q.detach())

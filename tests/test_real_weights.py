@@ -44,6 +44,7 @@ def test_tokenizer_matches_tokenizers_library(minilm):
 
     _, tok = minilm
     reference = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    reference.no_padding()  # the shipped file pads every text to 128; compare the tokens themselves
     for s in SENTENCES:
         assert tok.encode(s) == reference.encode(s).ids
 

@@ -108,6 +108,13 @@ class LiteTokenizer:
         return self._tok
 
     @property
+    def fingerprint(self) -> str:
+        """A hash of the full tokenizer definition: keys caches of tokenized data."""
+        import hashlib
+
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+
+    @property
     def kind(self) -> str:
         """Model type in lower case: ``"wordpiece"``, ``"unigram"`` (or ``"bpe"`` for a foreign tokenizer.json)."""
         return type(self._tok.model).__name__.lower()

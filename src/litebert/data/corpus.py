@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 __all__ = [
     "CorpusStats",
@@ -42,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathArg = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
+PathArg = str | os.PathLike | Iterable[str | os.PathLike]
 
 #: bumped whenever document or sentence boundaries change, so tokenized caches keyed on it are rebuilt
 SPLITTER_VERSION = 1
@@ -82,11 +82,12 @@ class CorpusStats:
 # --------------------------------------------------------------------------------------------- sentences
 
 # Words that end with a period without ending the sentence (compared lower-case, without the final period).
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms mx dr prof sr jr st mt rev hon gen col lt capt sgt gov pres vs etc cf al fig figs eq eqs no nos "
-    "vol vols ch sec p pp ed eds op approx ca dept est inc ltd co corp bros jan feb mar apr jun jul aug sep sept "
-    "oct nov dec e.g i.e a.m p.m u.s u.k ph.d".split()
-)
+_ABBREVIATIONS = frozenset((
+    "mr", "mrs", "ms", "mx", "dr", "prof", "sr", "jr", "st", "mt", "rev", "hon", "gen", "col", "lt", "capt", "sgt",
+    "gov", "pres", "vs", "etc", "cf", "al", "fig", "figs", "eq", "eqs", "no", "nos", "vol", "vols", "ch", "sec", "p",
+    "pp", "ed", "eds", "op", "approx", "ca", "dept", "est", "inc", "ltd", "co", "corp", "bros", "jan", "feb", "mar",
+    "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "e.g", "i.e", "a.m", "p.m", "u.s", "u.k", "ph.d",
+))
 _OPENERS = "\"'“‘«([{"
 _CLOSERS = "\"'”’»)]}"
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -219,11 +220,11 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def _open(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def _is_jsonl(path: Path) -> bool:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    name = path.name.removesuffix(".gz")
     return name.endswith(JSONL_SUFFIXES)
 
 

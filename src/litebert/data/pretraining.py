@@ -25,7 +25,7 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -419,7 +419,7 @@ def mask_tokens(input_ids: Sequence[int], rng: random.Random, cfg: PretrainingCo
     maskable = sum(len(u) for u in units)
     if maskable == 0 or cfg.masked_lm_prob == 0 or cfg.max_predictions_per_seq == 0:
         return ids, labels
-    num_to_predict = min(cfg.max_predictions_per_seq, max(1, int(round(maskable * cfg.masked_lm_prob))))
+    num_to_predict = min(cfg.max_predictions_per_seq, max(1, round(maskable * cfg.masked_lm_prob)))
     p_mask = cfg.mask_replace_prob
     p_random = cfg.mask_replace_prob + cfg.random_replace_prob
     for s, n in select_ngram_spans(units, runs, num_to_predict, rng, cfg.ngram):
@@ -444,7 +444,9 @@ def _random_token(rng: random.Random, special: SpecialTokens) -> int:
 def mask_example(example: dict[str, Any], rng: random.Random, cfg: PretrainingConfig,
                  special: SpecialTokens) -> dict[str, Any]:
     """A copy of a packed example with masked ``input_ids`` and MLM ``labels``."""
-    ids, labels = mask_tokens(example["input_ids"].tolist(), rng, cfg, special, example.get("word_starts"))
+    starts = example.get("word_starts")
+    ids, labels = mask_tokens(np.asarray(example["input_ids"]).tolist(), rng, cfg, special,
+                              None if starts is None else np.asarray(starts).tolist())
     out = dict(example)
     out["input_ids"] = np.asarray(ids, dtype=np.int32)
     out["labels"] = np.asarray(labels, dtype=np.int32)
@@ -789,6 +791,7 @@ class PretrainingDataset(IterableDataset):
 
     def count_examples(self, limit: int | None = None) -> int:
         """Examples this rank yields per epoch (stops counting at ``limit``); writes no cache."""
+        self.stats = Counter()
         stream = self._iter_unmasked(write_cache=False)
         return sum(1 for _ in itertools.islice(stream, limit))
 
@@ -802,8 +805,9 @@ class PretrainingDataset(IterableDataset):
         block = self.loader_batch_size or 1
         stream = _shuffled(self._iter_unmasked(), cfg.shuffle_buffer, _seeded("shuffle", cfg.seed, self.epoch,
                                                                               self.rank))
-        yielded = 0
+        total = yielded = 0
         for i, ex in enumerate(stream):
+            total = i + 1
             if i < skip or ((i - skip) // block) % workers != worker:
                 continue
             if not cfg.dynamic_masking:
@@ -814,7 +818,7 @@ class PretrainingDataset(IterableDataset):
         if worker == 0:
             logger.info("epoch %d, rank %d: %d documents -> %d examples (%d yielded here); %d documents with "
                         "fewer than two sentences made no SOP pair", self.epoch, self.rank, self.stats["documents"],
-                        i + 1 if self.stats["documents"] else 0, yielded, self.stats["single_sentence_documents"])
+                        total, yielded, self.stats["single_sentence_documents"])
 
 
 def _shuffled(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -857,9 +861,12 @@ class PretrainingLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
         ds = self.dataset
-        count = ds._skip if ds._skip else 0
+        count = ds._skip
         self._position = {"epoch": ds.epoch, "examples_yielded": count}
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        if self.num_workers > 0:
+            ds._skip = 0  # the workers took their copies of the resume position when they started
+        for batch in batches:
             count += len(batch["input_ids"])
             self._position = {"epoch": ds.epoch, "examples_yielded": count}
             yield batch
@@ -911,7 +918,3 @@ def build_pretraining_loader(
                          "Add text or lower batch_size.")
     return PretrainingLoader(ds, batch_size=batch_size, collate_fn=MaskingCollator(ds.special, config),
                              num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory)
-
-
-def _config_fields() -> list[str]:
-    return [f.name for f in fields(PretrainingConfig)]

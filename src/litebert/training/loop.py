@@ -190,7 +190,7 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str = "") 
 # -- the loop ---------------------------------------------------------------------------------------------------
 def _batches(loader: Iterable, dataset: Any) -> Iterable[dict[str, Tensor]]:
     """Endless batches; each pass over the data is an epoch (``dataset.set_epoch`` reshuffles / remasks)."""
-    epoch = getattr(dataset, "epoch", 0)
+    epoch = dataset.state_dict().get("epoch", 0) if hasattr(dataset, "state_dict") else 0
     while True:
         produced = False
         for batch in loader:
@@ -236,7 +236,8 @@ def train(
                                 layer_decay=cfg.layer_decay,
                                 num_layers=getattr(getattr(core, "config", None), "num_hidden_layers", None))
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup, cfg.max_steps, power=cfg.power)
-    dataset = getattr(loader, "dataset", None)
+    # Whatever knows the data position: a loader that tracks it (with workers), else its dataset.
+    dataset = loader if hasattr(loader, "state_dict") else getattr(loader, "dataset", None)
 
     step = 0
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None

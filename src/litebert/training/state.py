@@ -181,10 +181,13 @@ def _recover_strays(parent: Path) -> None:
         if m and entry.is_dir() and not _pid_alive(int(m["pid"])):
             strays.append((0 if m["kind"] == "tmp" else 1, entry, parent / m["base"]))
     for _, entry, base in sorted(strays):
-        if not base.exists() and is_complete(entry):
-            os.replace(entry, base)
-        else:
-            _remove_checkpoint(entry)
+        try:
+            if not base.exists() and is_complete(entry):
+                os.replace(entry, base)
+            else:
+                _remove_checkpoint(entry)
+        except OSError:
+            pass  # another process (e.g. a second rank) got there first
 
 
 # --------------------------------------------------------------------------- RNG
@@ -207,9 +210,9 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng(state: Mapping[str, Any]) -> None:
+def restore_rng(state: Mapping[str, Any] | None) -> None:
     """Restore generator states from ``rng_state()`` output or a dict from ``load_training_state``."""
-    rng = state.get("rng", state)
+    rng = state.get("rng", state) if state is not None else None
     if rng is None:
         raise ValueError("checkpoint has no RNG state (saved with rng=False)")
     version, internal, gauss = rng["python"]
