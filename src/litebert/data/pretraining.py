@@ -378,7 +378,8 @@ def select_ngram_spans(units: Sequence[Sequence[int]], runs: Sequence[int], num_
 
     Visit span starts in random order; draw n from 1..``ngram`` with p(n) ∝ 1/n (limited to the units left in
     the run); while the span would exceed the budget, shorten it; skip it if it still does or overlaps a
-    chosen span.
+    chosen span. Filling the budget exactly shortens the last span of a sequence, and longer spans overlap
+    chosen ones more often, so accepted spans run a little shorter than p(n) in short sequences (as in ALBERT).
     """
     weights = [1.0 / n for n in range(1, ngram + 1)]
     covered = [False] * len(units)
@@ -598,6 +599,14 @@ def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
             tmp.unlink()
 
 
+def _cache_complete(directory: Path) -> bool:
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((directory / name).is_file() for name in manifest.get("shards", []))
+
+
 def _read_cache(directory: Path) -> Iterator[TokenizedDocument]:
     manifest = json.loads((directory / "manifest.json").read_text())
     for name in manifest["shards"]:
@@ -717,7 +726,9 @@ class PretrainingDataset(IterableDataset):
             if not batch:
                 return
             texts = [s for sents in batch if sents is not None for s in sents]
-            encoded = self.tokenizer.encode_words(texts) if texts else []
+            encoded: list[tuple[Sequence[int], Sequence[int | None]]] = []
+            for k in range(0, len(texts), self.encode_batch_size):  # one huge document (doc_per_file) included
+                encoded.extend(self.tokenizer.encode_words(texts[k: k + self.encode_batch_size]))
             pos = 0
             for sents in batch:
                 if sents is None:
@@ -731,7 +742,7 @@ class PretrainingDataset(IterableDataset):
         if not self.use_cache:
             return self._tokenize(path, first_index, lambda i: i % self.world_size == self.rank, stats)
         directory, meta = self._cache_entry(path)
-        if (directory / "manifest.json").exists():
+        if _cache_complete(directory):
             return _read_cache(directory)
         if not write_cache:
             return self._tokenize(path, first_index, None, stats)
@@ -746,7 +757,7 @@ class PretrainingDataset(IterableDataset):
             yield doc
         writer.close()
 
-    def iter_documents(self, write_cache: bool = True) -> Iterator[tuple[int, TokenizedDocument]]:
+    def iter_tokenized_documents(self, write_cache: bool = True) -> Iterator[tuple[int, TokenizedDocument]]:
         """(global document index, tokenized document) for this rank's documents, in corpus order."""
         stats = CorpusStats()
         index = 0
@@ -765,7 +776,7 @@ class PretrainingDataset(IterableDataset):
             return
         for path in self.files:
             directory, meta = self._cache_entry(path)
-            if not (directory / "manifest.json").exists():
+            if not _cache_complete(directory):
                 for _ in self._tokenize_and_cache(path, 0, CorpusStats(), directory, meta):
                     pass
 
@@ -785,7 +796,7 @@ class PretrainingDataset(IterableDataset):
         return examples
 
     def _iter_unmasked(self, write_cache: bool = True) -> Iterator[dict[str, Any]]:
-        for index, doc in self.iter_documents(write_cache):
+        for index, doc in self.iter_tokenized_documents(write_cache):
             self.stats["documents"] += 1
             yield from self._document_examples(index, doc)
 
@@ -916,5 +927,8 @@ def build_pretraining_loader(
         raise ValueError(f"the corpus produced only {n} pre-training example(s) on rank {rank} of {world_size}, "
                          f"fewer than one batch of {batch_size}, from {len(ds.files)} file(s): {files}{hint}. "
                          "Add text or lower batch_size.")
+    # A private generator: DataLoader draws a worker base seed from it at every iter(); from the global RNG
+    # that draw would shift dropout etc. differently in a resumed run than in an uninterrupted one.
+    generator = torch.Generator().manual_seed(config.seed)
     return PretrainingLoader(ds, batch_size=batch_size, collate_fn=MaskingCollator(ds.special, config),
-                             num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory)
+                             num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory, generator=generator)

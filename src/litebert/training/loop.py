@@ -25,8 +25,15 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from .optim import build_optimizer, build_scheduler
-from .state import checkpoint_dir, latest_checkpoint, load_training_state, prune_checkpoints, restore_rng
-from .state import save_training_state
+from .state import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    restore_rng,
+    rng_state,
+    save_training_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +197,18 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str = "") 
 # -- the loop ---------------------------------------------------------------------------------------------------
 def _batches(loader: Iterable, dataset: Any) -> Iterable[dict[str, Tensor]]:
     """Endless batches; each pass over the data is an epoch (``dataset.set_epoch`` reshuffles / remasks)."""
-    epoch = dataset.state_dict().get("epoch", 0) if hasattr(dataset, "state_dict") else 0
+    position = dataset.state_dict() if hasattr(dataset, "state_dict") else {}
+    epoch = position.get("epoch", 0)
+    resumed_mid_epoch = position.get("examples_yielded", 0) > 0
     while True:
         produced = False
         for batch in loader:
             produced = True
             yield batch
-        if not produced:
+        # A run resumed right at the end of an epoch legitimately finds nothing left in it.
+        if not produced and not resumed_mid_epoch:
             raise ValueError("the training data produced no batch (is the corpus smaller than one batch?)")
+        resumed_mid_epoch = False
         epoch += 1
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
@@ -263,9 +274,12 @@ def train(
 
         progress = tqdm(total=cfg.max_steps, initial=step, desc=out_dir.name, dynamic_ncols=True)
 
-    def checkpoint() -> None:
+    def data_position() -> dict[str, Any]:
+        return dataset.state_dict() if hasattr(dataset, "state_dict") else {}
+
+    def checkpoint(data_state: dict[str, Any] | None = None) -> None:
         if rank == 0:
-            data_state = dataset.state_dict() if hasattr(dataset, "state_dict") else {}
+            data_state = data_position() if data_state is None else data_state
             save_training_state(checkpoint_dir(out_dir, step), model_state=core.state_dict(), optimizer=optimizer,
                                 scheduler=scheduler, step=step, data_state=data_state)
             prune_checkpoints(out_dir, cfg.keep_checkpoints)
@@ -289,11 +303,14 @@ def train(
     stopped_by = "max_steps"
     batches = iter(_batches(loader, dataset))
     train_model.train()
+    step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
     try:
         while step < cfg.max_steps:
             if cfg.max_minutes is not None and time.perf_counter() - start > cfg.max_minutes * 60:
                 stopped_by = "max_minutes"
                 break
+            # Where this step starts (data position, RNG): an interruption mid-step resumes from here exactly.
+            step_start = (data_position(), rng_state())
             for micro in range(cfg.grad_accum):
                 batch = _to_device(next(batches), device)
                 sync = not ddp or micro == cfg.grad_accum - 1
@@ -335,7 +352,10 @@ def train(
                 checkpoint()
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: saving a checkpoint to resume from", step)
-        checkpoint()
+        optimizer.zero_grad(set_to_none=True)
+        if step_start is not None:
+            restore_rng(step_start[1])
+        checkpoint(step_start[0] if step_start is not None else None)
         raise
     finally:
         if progress is not None:

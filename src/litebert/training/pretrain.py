@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import ConfigError, preset
+from ..data.corpus import expand_paths
 from ..data.pretraining import PretrainingConfig, build_pretraining_loader
 from ..heads import EncoderForMaskedLM, EncoderForPreTraining, from_pretrained
 from ..recipe import build, resolve, save_yaml
@@ -110,7 +111,7 @@ def prepare_tokenizer(section: dict[str, Any], train_files: list[str], out_dir: 
         return load_tokenizer(section["path"])
     tok_dir = out_dir / "tokenizer"
     if rank == 0 and not (tok_dir / "tokenizer.json").exists():
-        files = _files(section["files"]) or train_files
+        files = [str(p) for p in expand_paths(_files(section["files"]) or train_files)]
         log.info("training a %s tokenizer (vocab %d) on %d file pattern(s)", section["kind"], section["vocab_size"],
                  len(files))
         train_tokenizer(files, kind=section["kind"], vocab_size=section["vocab_size"],
