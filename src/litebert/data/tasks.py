@@ -129,7 +129,13 @@ def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         start = 1
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise ValueError(f"{_at(str(path), reader.line_num)}: malformed row ({err})") from None
             yield start, row
             start = reader.line_num + 1  # a quoted field may span lines: the next record starts after this one
 
@@ -374,10 +380,14 @@ def read_squad(path: PathLike) -> list[QAExample]:
         for p, para in enumerate(need(article, "paragraphs", f"data[{a}]", list)):
             where = f"data[{a}].paragraphs[{p}]"
             context = need(para, "context", where, str)
+            if not context.strip():
+                raise ValueError(f"{source}: {where}: empty context")
             for q, qa in enumerate(need(para, "qas", where, list)):
                 qid = str(need(qa, "id", f"{where}.qas[{q}]", (str, int)))
                 at = f"question {qid!r}"
                 question = need(qa, "question", at, str)
+                if not question.strip():
+                    raise ValueError(f"{source}: {at}: empty question")
                 impossible = bool(qa.get("is_impossible", False))
                 answers = [] if impossible else need(qa, "answers", at, list)
                 checked = []
