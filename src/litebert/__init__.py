@@ -27,6 +27,7 @@ from .heads import (
     build_encoder,
     from_pretrained,
 )
+from .inference.pipeline import pipeline
 from .layers import EncoderOutput, set_attn_implementation
 from .models.albert import AlbertModel
 from .models.bert import BertModel
@@ -39,5 +40,5 @@ __all__ = [
     "DistilBertModel", "EncoderConfig", "EncoderForMaskedLM", "EncoderForMultipleChoice", "EncoderForPreTraining",
     "EncoderForQuestionAnswering", "EncoderForSequenceClassification", "EncoderForTokenClassification",
     "EncoderOutput", "HeadOutput", "LoadReport", "PRESETS", "build_encoder", "from_pretrained", "load_config",
-    "preset", "set_attn_implementation",
+    "pipeline", "preset", "set_attn_implementation",
 ]

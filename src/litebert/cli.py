@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                         "train a WordPiece (BERT) or Unigram (ALBERT) tokenizer on text files"),
     "pretrain": ("litebert.training.pretrain", "pretrain_main",
                  "pre-train an encoder with MLM + sentence-order prediction from raw text"),
+    "predict": ("litebert.inference.pipeline", "predict_main",
+                "run a model over a JSONL/.txt file, one JSON prediction per line"),
     "info": ("litebert.cli", "info_main", "print a model directory's or preset's configuration and size"),
 }
 
