@@ -86,6 +86,40 @@ class MaskedLMHead(nn.Module):
         return F.linear(self.norm(self.act(self.transform(hidden))), decoder_weight, self.bias)
 
 
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (N, V) logits, computed in float32 a block of rows at a time.
+
+    Same value and gradient as ``F.cross_entropy(logits.float(), target)``, but none of the (N, V) float32
+    temporaries the stock op allocates (the up-cast copy, the log-probabilities, their gradient, the one-hot
+    scatter) ever exists: only ~8 MB row blocks, which the allocator reuses, and the gradient in the logits' dtype.
+    A fresh (N, V) float32 buffer is above glibc's mmap threshold, so it is page-faulted in again on every step;
+    at N=608, V=30000 on the 2-core reference CPU this op takes ~40 ms where the stock one takes 120-220 ms.
+    Backward recomputes the softmax of each block from the logits, which autograd keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
+        rows = max(1, (1 << 21) // logits.shape[1])
+        nll = torch.cat([
+            -F.log_softmax(block, dim=-1, dtype=torch.float32).gather(1, t[:, None]).squeeze(1)
+            for block, t in zip(logits.split(rows), target.split(rows))
+        ])  # (N,)
+        ctx.save_for_backward(logits, target)
+        ctx.rows = rows
+        return nll.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None]:
+        logits, target = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_loss / logits.shape[0]
+        for block, t, out in zip(logits.split(ctx.rows), target.split(ctx.rows), grad.split(ctx.rows)):
+            p = F.softmax(block, dim=-1, dtype=torch.float32)  # (rows, V)
+            p[torch.arange(len(t), device=p.device), t] -= 1.0
+            out.copy_(p.mul_(scale))
+        return grad, None
+
+
 def masked_lm_loss(head: MaskedLMHead, decoder_weight: Tensor, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Cross-entropy over the labelled positions only. The positions are gathered *before* the vocabulary
     projection: with 15% masking that is ~7x less work and memory than projecting every position.
@@ -95,7 +129,7 @@ def masked_lm_loss(head: MaskedLMHead, decoder_weight: Tensor, hidden: Tensor, l
     target = labels[selected]
     if target.numel() == 0:  # nothing masked in this batch: a zero loss that still has a graph
         return logits.sum() * 0.0, logits
-    return F.cross_entropy(logits.float(), target), logits
+    return _ChunkedCrossEntropy.apply(logits, target), logits
 
 
 class EncoderForMaskedLM(EncoderHead):
