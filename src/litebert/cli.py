@@ -18,8 +18,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                         "train a WordPiece (BERT) or Unigram (ALBERT) tokenizer on text files"),
     "pretrain": ("litebert.training.pretrain", "pretrain_main",
                  "pre-train an encoder with MLM + sentence-order prediction from raw text"),
+    "distill": ("litebert.training.distill", "distill_main",
+                "distil a teacher into a smaller student (general or task-specific) with a compression report"),
+    "finetune": ("litebert.training.finetune", "finetune_main",
+                 "fine-tune for classification, regression, NER, extractive QA or multiple choice"),
+    "evaluate": ("litebert.training.finetune", "evaluate_main", "score a fine-tuned model on a labelled file (JSON)"),
     "predict": ("litebert.inference.pipeline", "predict_main",
                 "run a model over a JSONL/.txt file, one JSON prediction per line"),
+    "export": ("litebert.inference.export", "export_main",
+               "export to ONNX (optionally int8), checked against eager PyTorch"),
+    "serve": ("litebert.inference.server", "serve_main", "serve a model's pipeline over a JSON HTTP API (loopback)"),
     "info": ("litebert.cli", "info_main", "print a model directory's or preset's configuration and size"),
 }
 

@@ -1,9 +1,14 @@
 """One training loop for pre-training, distillation and fine-tuning.
 
 Read it top to bottom: set up (DDP when launched by torchrun, optimizer, schedule, resume) -> repeat {accumulate
-micro-batches under bf16 autocast, clip, step, log, evaluate, checkpoint} -> write the final model, metrics and
-curves. What is optimised is an *objective*: a callable ``(model, batch) -> dict`` with a ``loss`` tensor and any
-other scalars to log. Evaluation is a callable ``(model) -> dict`` of metrics.
+micro-batches under bf16 autocast, clip, step, log, evaluate (keep the best model, stop early), checkpoint} -> write
+the final model, metrics and curves. What is optimised is an *objective*: a callable ``(model, batch) -> dict`` with a
+``loss`` tensor and any other scalars to log. Evaluation is a callable ``(model) -> dict`` of metrics.
+
+With ``metric_for_best`` set, every evaluation that improves that metric rewrites ``OUT/best/`` atomically (a crash
+or kill at any moment leaves the previous best or the new one, never a mix); ``early_stopping_patience`` stops after
+that many evaluations without improvement; at the end the best weights are loaded back, so ``OUT/final/`` is the best
+model. The best value, its step and the evaluations since travel in the resumable checkpoints.
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..checkpoint import load_weights_into
 from ..config import ConfigError
 from .optim import build_optimizer, build_scheduler
 from .state import (
+    _recover_strays,
+    atomic_save_dir,
     checkpoint_dir,
+    is_complete,
     latest_checkpoint,
     load_training_state,
     prune_checkpoints,
@@ -70,6 +79,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     num_threads: int | None = None
+    metric_for_best: str | None = None  # an evaluation metric (e.g. "accuracy"); OUT/best/ keeps the model at its best
+    greater_is_better: bool | None = None  # default: False for names with loss/mse/perplexity in them, else True
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every",
@@ -82,10 +94,46 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ConfigError(f"train.early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+            if not self.metric_for_best:
+                raise ConfigError("train.early_stopping_patience needs train.metric_for_best (the metric to watch)")
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.max_steps)
+
+    @property
+    def maximize(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not any(word in (self.metric_for_best or "") for word in ("loss", "mse", "perplexity"))
+
+
+@dataclass
+class BestTracker:
+    """The best value of ``metric_for_best`` so far, its step and evaluation, and evaluations since (JSON-able)."""
+
+    value: float | None = None
+    step: int | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    evals_since: int = 0
+
+    def update(self, result: dict[str, float], step: int, cfg: TrainConfig) -> bool:
+        """Record an evaluation; True when it is a new best. A NaN metric never is."""
+        name = cfg.metric_for_best
+        if name not in result:
+            raise ConfigError(f"train.metric_for_best: {name!r} is not an evaluation metric; the evaluation gives "
+                              f"{', '.join(sorted(result))}")
+        value = float(result[name])
+        better = math.isfinite(value) and (self.value is None or (value > self.value if cfg.maximize
+                                                                   else value < self.value))
+        if better:
+            self.value, self.step, self.eval, self.evals_since = value, step, dict(result), 0
+        else:
+            self.evals_since += 1
+        return better
 
 
 # -- distributed ------------------------------------------------------------------------------------------------
@@ -232,7 +280,10 @@ def train(
 
     ``loader.dataset`` may expose ``state_dict()``/``load_state_dict()`` (its position, for exact resume) and
     ``set_epoch(e)``. Only ``model``'s parameters are optimised and checkpointed; an objective may hold other
-    modules (distillation's frozen teacher). ``save_final(model, dir)`` writes the final model directory (default: ``model.save_pretrained``).
+    modules (distillation's frozen teacher). ``save_final(model, dir)`` writes the final model directory (default:
+    ``model.save_pretrained``), and ``OUT/best/`` when ``cfg.metric_for_best`` is set; what it writes must load back
+    with ``litebert.checkpoint.load_weights_into`` (``save_pretrained`` does). ``OUT/best/best.json`` records the
+    step and the evaluation of the best model.
     """
     out_dir = Path(out_dir)
     rank, world = init_distributed()
@@ -251,6 +302,11 @@ def train(
     dataset = loader if hasattr(loader, "state_dict") else getattr(loader, "dataset", None)
 
     step = 0
+    best = BestTracker()
+    best_dir = out_dir / "best"
+    save_model = save_final or (lambda m, d: m.save_pretrained(d))
+    if rank == 0 and out_dir.is_dir():
+        _recover_strays(out_dir)  # a kill between the two renames of a best/ update left best.tmp-PID / best.old-PID
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     if ckpt is not None:
         state = load_training_state(ckpt)
@@ -261,6 +317,8 @@ def train(
             dataset.load_state_dict(state["data_state"])
         restore_rng(state["rng"])
         step = state["step"]
+        if state["extra"].get("best"):
+            best = BestTracker(**state["extra"]["best"])
         if rank == 0:
             log.warning("resuming from %s (step %d)", ckpt, step)
 
@@ -281,7 +339,7 @@ def train(
         if rank == 0:
             data_state = data_position() if data_state is None else data_state
             save_training_state(checkpoint_dir(out_dir, step), model_state=core.state_dict(), optimizer=optimizer,
-                                scheduler=scheduler, step=step, data_state=data_state)
+                                scheduler=scheduler, step=step, data_state=data_state, extra={"best": asdict(best)})
             prune_checkpoints(out_dir, cfg.keep_checkpoints)
         if ddp:
             dist.barrier()
@@ -294,6 +352,12 @@ def train(
             result = _all_reduce_mean(evaluate(core))
         train_model.train()
         metrics.write(step, {f"eval_{k}": v for k, v in result.items()})
+        if cfg.metric_for_best and best.update(result, step, cfg) and rank == 0:
+            with atomic_save_dir(best_dir) as tmp:
+                save_model(core, tmp)
+                (tmp / "best.json").write_text(json.dumps({"step": step, "metric": cfg.metric_for_best,
+                                                           "value": best.value, "eval": result}, indent=2) + "\n")
+            log.info("step %d: new best %s = %.4g (saved to %s)", step, cfg.metric_for_best, best.value, best_dir)
         return result
 
     start = time.perf_counter()
@@ -308,6 +372,11 @@ def train(
         while step < cfg.max_steps:
             if cfg.max_minutes is not None and time.perf_counter() - start > cfg.max_minutes * 60:
                 stopped_by = "max_minutes"
+                break
+            if cfg.early_stopping_patience and best.evals_since >= cfg.early_stopping_patience:
+                stopped_by = "early_stopping"
+                log.warning("step %d: no better %s in %d evaluations (best %.4g at step %s); stopping", step,
+                            cfg.metric_for_best, best.evals_since, best.value, best.step)
                 break
             # Where this step starts (data position, RNG): an interruption mid-step resumes from here exactly.
             step_start = (data_position(), rng_state())
@@ -338,7 +407,8 @@ def train(
                 elapsed = time.perf_counter() - window_start
                 row = {k: v / window_steps for k, v in window.items()}
                 row = _all_reduce_mean(row)
-                row.update(lr=scheduler.get_last_lr()[0], tokens_per_s=window_tokens * world / max(elapsed, 1e-9),
+                row.update(lr=max(scheduler.get_last_lr()),  # the base lr: with layer decay, the head's
+                           tokens_per_s=window_tokens * world / max(elapsed, 1e-9),
                            elapsed_s=time.perf_counter() - start)
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
@@ -361,21 +431,29 @@ def train(
         if progress is not None:
             progress.close()
 
-    if step % cfg.save_every:
-        checkpoint()
     if step % cfg.eval_every or not last_eval:
         last_eval = run_eval()
+    if step % cfg.save_every:
+        checkpoint()
     metrics.close()
     summary = {"step": step, "stopped_by": stopped_by, "train_seconds": round(time.perf_counter() - start, 1),
                **{f"eval_{k}": v for k, v in last_eval.items()}}
+    if cfg.metric_for_best and best.step is not None:
+        summary.update(best_step=best.step, best_metric=cfg.metric_for_best,
+                       **{f"best_eval_{k}": v for k, v in best.eval.items()})
+        if ddp:
+            dist.barrier()  # rank 0 may still be writing best/
+        if best.step != step:  # the final model is the best one
+            if not is_complete(best_dir):
+                raise RuntimeError(f"{best_dir} is missing or incomplete; the best model (step {best.step}) is lost")
+            load_weights_into(core, best_dir)
     rows = read_metrics(out_dir / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
     if train_rows:
         summary["final_train_loss"] = train_rows[-1]["loss"]
         summary["tokens_per_s"] = sum(r["tokens_per_s"] for r in train_rows) / len(train_rows)
     if rank == 0:
-        final = out_dir / "final"
-        (save_final or (lambda m, d: m.save_pretrained(d)))(core, final)
+        save_model(core, out_dir / "final")
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", title=out_dir.name)
     if ddp:

