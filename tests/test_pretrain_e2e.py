@@ -152,3 +152,11 @@ def test_unknown_recipe_key_names_the_closest(tmp_path):
     cfg.write_text("train:\n  lr: 0.1\n  warmpu_steps: 3\n")
     with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'train.warmpu_steps'.*'train.warmup_steps'"):
         resolve(default_recipe(), cfg)
+
+
+def test_flags_merge_into_yaml_sections(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model:\n  preset: albert-base\n  hidden_size: 64\ntrain:\n  lr: 0.1\n")
+    merged = resolve(default_recipe(), cfg, ["--model.num_hidden_layers", "3", "--train.max_steps", "7"])
+    assert merged["model"]["hidden_size"] == 64 and merged["model"]["num_hidden_layers"] == 3
+    assert merged["train"]["lr"] == 0.1 and merged["train"]["max_steps"] == 7

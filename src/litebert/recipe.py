@@ -32,7 +32,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str, path: str
         dotted = f"{path}{key}"
         if key not in out and path.rstrip(".") not in FREE_SECTIONS:
             raise ConfigError(f"{where}: unknown key '{dotted}'" + _suggest(dotted, _all_keys(base, path)))
-        if isinstance(out.get(key), dict) and isinstance(value, dict) and dotted not in FREE_SECTIONS:
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
             out[key] = _merge(out[key], value, where, dotted + ".")
         else:
             out[key] = value
