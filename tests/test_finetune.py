@@ -168,6 +168,21 @@ def test_crash_keeps_best_and_resume_finishes(model_dir, sentiment_csv, tmp_path
     assert json.loads((out / "best" / "best.json").read_text())["step"] == summary["best_step"]
 
 
+def test_splits_carve_what_no_file_gives(sentiment_csv, tmp_path):
+    spec = finetune.TASKS["classification"]
+    data = {**default_recipe()["data"], "train": str(sentiment_csv), "text_column": "sentence"}
+    only = finetune.read_splits(spec, data)
+    assert (len(only.train), len(only.validation), len(only.test), only.carved) == (128, 16, 16, ("validation", "test"))
+    held = _csv(tmp_path / "test.csv", "sentence,label\nthe film was good,pos\n")
+    with_test = finetune.read_splits(spec, {**data, "test": str(held)})
+    assert (len(with_test.train), len(with_test.validation), len(with_test.test)) == (144, 16, 1)
+    assert with_test.carved == ("validation",)
+    # the test split depends only on its seed and fraction: a bigger validation split never moves a test row
+    assert finetune.read_splits(spec, {**data, "split": {**data["split"], "validation": 0.3}}).test == only.test
+    given = finetune.read_splits(spec, {**data, "validation": str(held)})
+    assert (len(given.train), len(given.validation), len(given.test), given.carved) == (160, 1, 0, ())
+
+
 # -- the other tasks ---------------------------------------------------------------------------------------------
 def _write_regression(path: Path) -> Path:
     rng = random.Random(2)
@@ -309,7 +324,8 @@ def test_label_count_mismatch_names_the_field_unless_reset_head(model_dir, senti
 
 
 def test_evaluate_refuses_a_model_without_a_trained_head(model_dir, sentiment_csv):
-    with pytest.raises(litebert.CheckpointError, match="no trained classification head"):
+    with pytest.raises(ConfigError, match=r"--model: .* has no trained classification head \(the checkpoint lacks "
+                                          r"classifier.weight, classifier.bias\)"):
         evaluate_main(["--model", str(model_dir), "--task", "classification", "--data", str(sentiment_csv)])
 
 

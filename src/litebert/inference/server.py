@@ -17,8 +17,8 @@ Errors are JSON ``{"error": message, "status": code}``: 400 malformed JSON, 404 
 411 no Content-Length, 413 body over ``--max-body-bytes``, more than ``--max-inputs`` inputs, or an input over
 ``--max-seq-length`` tokens (inputs are never truncated silently), 422 well-formed but unusable (missing or mistyped
 fields, unknown parameters, no [MASK]), 503 queue full (with ``Retry-After``), 504 not answered within
-``--request-timeout``. Every check runs in the request's own thread before its job is queued, so a bad request
-costs other clients nothing.
+``--request-timeout``. Every check runs in the request's own thread before its job is queued: a bad request never
+reaches the model, so it cannot fail or stall anyone else's.
 
 Micro-batching: request threads validate and queue jobs; one worker thread takes the first job, then every job
 already waiting (and, when the last batch held several jobs, any that arrive within ``--max-wait-ms``) up to

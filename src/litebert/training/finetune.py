@@ -48,7 +48,6 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import (
-    CheckpointError,
     load_hf_state_dict,
     load_native_state_dict,
     read_weights,
@@ -454,7 +453,7 @@ def load_for_evaluation(model_dir: Path, spec: TaskSpec) -> tuple[nn.Module, dic
     report = getattr(model, "load_report", None)
     missing = [k for k in (report.missing if report else []) if k.split(".")[0] in _HEAD_MODULES]
     if missing:
-        raise CheckpointError(f"{model_dir}: no trained {spec.head} head (the checkpoint lacks {', '.join(missing)}); "
+        raise ConfigError(f"--model: {model_dir} has no trained {spec.head} head (the checkpoint lacks {', '.join(missing)}); "
                               f"fine-tune it first with litebert finetune")
     id2label = model.config.id2label
     if spec.label_map is not None:
