@@ -430,9 +430,10 @@ def _parse_filter(items: Sequence[str]) -> dict[str, list[str]]:
 
 def export_main(argv: list[str]) -> int:
     """litebert export --model DIR --out DIR [--quantize int8] [--validation FILE]: ONNX that checks itself."""
-    parser = argparse.ArgumentParser(
-        prog="litebert export", description=__doc__.split("\n\n")[0] + " Writes OUT/model.onnx (+ model.int8.onnx), "
-        "config.json, the tokenizer and export_report.json, and prints the report's summary as one JSON line.")
+    description = (__doc__.split("\n\n")[0].replace("``", "") + " Writes OUT/model.onnx (+ model.int8.onnx), "
+                   "config.json, the tokenizer and export_report.json, and prints the report's summary as one JSON "
+                   "line.")
+    parser = argparse.ArgumentParser(prog="litebert export", description=description)
     parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: %(default)s)")

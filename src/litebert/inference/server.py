@@ -545,7 +545,7 @@ def load_pipeline(model_dir: str | Path, task: str | None = None, backend: str =
 def serve_main(argv: list[str]) -> int:
     """litebert serve --model DIR [--host 127.0.0.1] [--port 8000]: JSON HTTP API with dynamic micro-batching."""
     defaults = ServeConfig()
-    parser = argparse.ArgumentParser(prog="litebert serve", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="litebert serve", description=__doc__.split("\n\n")[0].replace("``", ""),
                                      epilog="POST /predict {\"inputs\": [...], \"parameters\": {...}}; GET /health. "
                                             "See litebert.inference.server for the status codes.")
     parser.add_argument("--model", required=True, help="model directory, or an export directory (ONNX)")
