@@ -2,6 +2,7 @@
 report.
 
     python bench/distill_rotten_tomatoes.py [--out runs/distill-rt] [--teacher DIR] [--teacher-epochs 3]
+                                            [--section.key value ...]   (distillation recipe flags)
 
 1. Teacher: all-MiniLM-L6-v2 fine-tuned on the Rotten Tomatoes sentences with ``configs/finetune-rotten-tomatoes.yaml``
    (``litebert finetune``; skipped with ``--teacher DIR``). Its 80/10/10 split (by label, seed 0) is the one the
@@ -65,8 +66,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/distill-rt")
     parser.add_argument("--teacher", help="a fine-tuned teacher directory (skips step 1)")
     parser.add_argument("--teacher-epochs", type=float, default=3.0)
-    parser.add_argument("flags", nargs=argparse.REMAINDER, help="extra --section.key value flags for the distillation")
-    args = parser.parse_args()
+    args, flags = parser.parse_known_args()  # the rest: --section.key value flags for the distillation recipe
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     stages: dict[str, dict] = {}
@@ -80,7 +80,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     recipe = resolve(distill.default_recipe(), ROOT / "configs/distill-rotten-tomatoes.yaml",
-                     ["--train.progress", "false", *args.flags])
+                     ["--train.progress", "false", *flags])
     recipe["teacher"]["path"] = str(teacher)
     summary = distill.run_distillation(recipe, out / "student")
     report = summary["report"]

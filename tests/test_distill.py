@@ -137,6 +137,14 @@ def test_kl_and_hidden_losses_ignore_padding_positions():
 
 
 # -- layer maps -------------------------------------------------------------------------------------------------
+def test_mcnemar_counts_discordant_pairs():
+    from litebert.report import mcnemar
+
+    assert mcnemar([True] * 5 + [False] * 5, [True] * 10) == {"examples": 10, "only_first_right": 0,
+                                                                "only_second_right": 5, "p_value": 0.0625}
+    assert mcnemar([True, False], [True, False])["p_value"] == 1.0
+
+
 def test_default_layer_map_reproduces_distilbert_and_is_evenly_spaced():
     assert default_layer_map(12, 6) == [0, 2, 4, 7, 9, 11]
     assert default_layer_map(6, 3) == [0, 3, 5]
@@ -307,6 +315,9 @@ def test_a_transfer_set_adds_teacher_labelled_sentences(data, teachers, tmp_path
         summary = run_distillation(recipe, tmp_path / "run")
     assert summary["step"] == 4 and "320 train (+ 50 unlabelled transfer)" in caplog.text
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "run", "hard"))))
+    # pkg: paths (a file inside an installed package) work here as in data.train.
+    recipe["task"]["transfer"] = ["pkg:litebert/../../tests/x.csv"]
+    assert distill._resolve_paths(recipe)["task"]["transfer"][0].endswith("tests/x.csv")
     # Hard labels alone cannot use it: the ablation recipe drops it.
     assert distill._ablation_recipe(recipe)["task"]["transfer"] == []
 
@@ -331,6 +342,8 @@ def test_cli_task_distillation_with_hidden_losses_writes_the_report(data, teache
     assert {(r["batch_size"], r["bf16"]) for r in report["latency"]} == {(1, False), (4, False)}
     assert set(report["scores"]) == {"teacher", "student"} and "student" in report["retention_pct"]
     assert list(report["ablation"]) == ["hard labels only (no distillation)"]
+    pair = report["ablation_paired"]
+    assert pair["examples"] == 40 and 0.0 <= pair["p_value"] <= 1.0 and "McNemar" in proc.stdout
     assert "# Compression report" in proc.stdout and "retention" in proc.stdout
     assert set(losses(out)[0:1]) and "hidden_mse" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compression_report", "count_parameters", "disk_size", "measure_latency", "render_markdown",
+__all__ = ["compression_report", "count_parameters", "disk_size", "mcnemar", "measure_latency", "render_markdown",
            "write_report"]
 
 
@@ -54,8 +54,8 @@ def measure_latency(models: Mapping[str, nn.Module], batch_size: int, seq_len: i
                     repeats: int = 10, warmup: int = 2, bf16: bool = False, seed: int = 0) -> dict[str, Any]:
     """Interleaved forward timings (ms) of each model on one (batch_size, seq_len) input.
 
-    Returns ``{"ms": {name: median}, "runs": {name: [ms, ...]}, "paired_speedup": {name: median ratio of the
-    first model's time to this one's}}``."""
+    Returns ``{"ms": {name: median}, "best_ms": {name: fastest run}, "runs": {name: [ms, ...]},
+    "paired_speedup": {name: median ratio of the first model's time to this one's}}``."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab_size, (batch_size, seq_len), generator=g)
     mask = torch.ones_like(ids)
@@ -79,9 +79,25 @@ def measure_latency(models: Mapping[str, nn.Module], batch_size: int, seq_len: i
     base = names[0]
     return {
         "ms": {n: statistics.median(v) for n, v in runs.items()},
+        "best_ms": {n: min(v) for n, v in runs.items()},  # load from other jobs only ever slows a run down
         "runs": {n: [round(x, 3) for x in v] for n, v in runs.items()},
         "paired_speedup": {n: statistics.median(a / b for a, b in zip(runs[base], runs[n])) for n in names},
     }
+
+
+def mcnemar(a_right: Sequence[bool], b_right: Sequence[bool]) -> dict[str, Any]:
+    """Paired comparison of two models on the same examples: how many only A / only B gets right, and the exact
+    two-sided McNemar p-value (binomial on the discordant pairs): a small gap on a few hundred examples is often
+    noise, and this says how often."""
+    import math
+
+    if len(a_right) != len(b_right):
+        raise ValueError(f"{len(a_right)} vs {len(b_right)} examples")
+    only_a = sum(1 for a, b in zip(a_right, b_right) if a and not b)
+    only_b = sum(1 for a, b in zip(a_right, b_right) if b and not a)
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"examples": len(a_right), "only_first_right": only_a, "only_second_right": only_b, "p_value": p}
 
 
 def _machine() -> dict[str, Any]:
@@ -185,15 +201,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"{n}: {ratio}."]
 
     lines += ["", "## CPU latency (ms per forward, median of interleaved runs)", "",
-              "| batch x seq | bf16 | " + " | ".join(names) + " | speed-up (paired median) | speed-up (ratio of medians) |",
-              "|---|---|" + "---:|" * len(names) + "---:|---:|"]
+              "| batch x seq | bf16 | " + " | ".join(names) + " | speed-up (paired median) | speed-up (ratio of medians) "
+              "| speed-up (best runs) |",
+              "|---|---|" + "---:|" * len(names) + "---:|---:|---:|"]
     for row in report["latency"]:
         ms = row["ms"]
         cells = " | ".join(f"{ms[n]:.1f}" for n in names)
         paired = ", ".join(f"{row['paired_speedup'][n]:.2f}x" for n in names[1:])
         medians = ", ".join(f"{ms[t] / ms[n]:.2f}x" for n in names[1:])
+        best = row.get("best_ms")
+        bests = ", ".join(f"{best[t] / best[n]:.2f}x" for n in names[1:]) if best else "—"
         lines.append(f"| {row['batch_size']} x {row['seq_len']} | {'on' if row['bf16'] else 'off'} | {cells} | "
-                     f"{paired} | {medians} |")
+                     f"{paired} | {medians} | {bests} |")
 
     if report.get("scores"):
         lines += ["", f"## Task score: {report.get('metric') or 'score'}", "", "| model | score | retention |",
@@ -205,6 +224,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for n, s in report.get("ablation", {}).items():
             r = report.get("ablation_retention_pct", {}).get(n)
             lines.append(f"| student, {n} | {100 * s:.2f}% | {'—' if r is None else f'{r:.1f}%'} |")
+        pair = report.get("ablation_paired")
+        if pair:
+            lines += ["", (f"Paired on the same {pair['examples']} examples: only the distilled student is right on "
+                          f"{pair['only_first_right']}, only the ablation on {pair['only_second_right']} (exact McNemar "
+                          f"p = {pair['p_value']:.3g}).")]
     return "\n".join(lines) + "\n"
 
 

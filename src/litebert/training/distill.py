@@ -879,9 +879,9 @@ def _resolve_paths(recipe: dict[str, Any]) -> dict[str, Any]:
     r["teacher"]["path"] = resolve_path(r["teacher"]["path"])
     r["tokenizer"]["path"] = resolve_path(r["tokenizer"]["path"])
     r["student"]["config"] = resolve_path(r["student"]["config"])
-    for key in ("train", "validation", "test"):
-        value = r["data"][key]
-        r["data"][key] = [resolve_path(v) for v in value] if isinstance(value, list) else resolve_path(value)
+    for section, key in (("data", "train"), ("data", "validation"), ("data", "test"), ("task", "transfer")):
+        value = r[section][key]
+        r[section][key] = [resolve_path(v) for v in value] if isinstance(value, list) else resolve_path(value)
     return r
 
 
@@ -1045,7 +1045,7 @@ def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teac
     section = recipe["report"]
     scores: dict[str, float] = {}
     metric = None
-    ablation_score = None
+    ablation_score = paired = None
     if mode == "task":
         from ..data.tasks import prepare_classification_features
 
@@ -1061,6 +1061,10 @@ def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teac
             run_distillation(_ablation_recipe(recipe), abl_dir)
             ablation = from_pretrained(str(abl_dir / "final"))
             ablation_score = teacher_eval(ablation)["accuracy"]
+            labels = np.array([f["labels"] for f in test_f])
+            right = [predict_logits(m, test_f, bs, pad_token_id=tokenizer.pad_token_id).argmax(-1) == labels
+                     for m in (student, ablation)]
+            paired = report_mod.mcnemar(right[0], right[1])
     else:
         if hasattr(teacher, "mlm_head"):
             metric = "masked-LM accuracy (held-out batches)"
@@ -1078,6 +1082,8 @@ def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teac
         details={"mode": mode, "teacher": str(teacher_path), "student": f"{student.config.model_type}, "
                  f"{student.config.num_hidden_layers} layers", "layer_map": recipe["student"]["layer_map"],
                  "loss": recipe["loss"], "steps": recipe["train"]["max_steps"]})
+    if paired is not None:
+        report["ablation_paired"] = paired
     report_mod.write_report(report, out_dir)
     print(report_mod.render_markdown(report))
     return report
