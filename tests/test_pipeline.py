@@ -317,3 +317,17 @@ def test_predict_main_names_file_and_line_of_a_bad_input(cls_dir, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
     with pytest.raises(ValueError, match="--top-k applies"):
         predict_main(["--model", str(cls_dir), "--input", str(path), "--task", "feature-extraction", "--top-k", "3"])
+
+
+def test_cli_reports_a_broken_checkpoint_without_a_traceback(cls_dir, tmp_path, capsys):
+    import shutil
+
+    from litebert.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cls_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "in.txt").write_text("hello\n")
+    assert main(["predict", "--model", str(broken), "--input", str(tmp_path / "in.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("litebert predict: error:") and "model.safetensors" in err

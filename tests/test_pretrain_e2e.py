@@ -160,3 +160,18 @@ def test_flags_merge_into_yaml_sections(tmp_path):
     merged = resolve(default_recipe(), cfg, ["--model.num_hidden_layers", "3", "--train.max_steps", "7"])
     assert merged["model"]["hidden_size"] == 64 and merged["model"]["num_hidden_layers"] == 3
     assert merged["train"]["lr"] == 0.1 and merged["train"]["max_steps"] == 7
+
+
+def test_exponent_numbers_parse_as_floats_and_wrong_types_name_the_field(tmp_path):
+    from litebert.config import ConfigError
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("train:\n  lr: 3e-4\n  weight_decay: 1E-2\n")
+    merged = resolve(default_recipe(), cfg, ["--train.warmup_ratio", "5e-2"])
+    assert merged["train"]["lr"] == 3e-4 and merged["train"]["weight_decay"] == 0.01
+    assert merged["train"]["warmup_ratio"] == 0.05
+    with pytest.raises(ConfigError, match=r"command line: 'train.lr' must be a number, got 'fast'"):
+        resolve(default_recipe(), None, ["--train.lr", "fast"])
+    cfg.write_text("train:\n  bf16: 3\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: 'train.bf16' must be true or false"):
+        resolve(default_recipe(), cfg)

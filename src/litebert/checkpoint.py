@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -256,17 +257,24 @@ def load_native_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> LoadRepor
 
 
 # -- files ------------------------------------------------------------------------------------------------------
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
 def read_weights(model_dir: str | Path) -> dict[str, Tensor]:
     """All tensors of a model directory, via safetensors (single or sharded) or a weights-only torch.load."""
     model_dir = Path(model_dir)
     if (model_dir / "model.safetensors").exists():
-        return load_file(model_dir / "model.safetensors")
+        return _load_safetensors(model_dir / "model.safetensors")
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         sd = {}
         for shard in shards:
-            sd.update(load_file(model_dir / shard))
+            sd.update(_load_safetensors(model_dir / shard))
         return sd
     legacy = model_dir / "pytorch_model.bin"
     if legacy.exists():

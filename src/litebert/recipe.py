@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,40 @@ import yaml
 from .config import ConfigError
 
 FREE_SECTIONS = {"model"}  # validated by the encoder config itself (it names unknown fields)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-5`` (no dot) as a string; YAML 1.2 and every user read it as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
+    list("-+0123456789."))
+
+
+def parse_scalar(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _check_type(default: Any, value: Any, where: str, dotted: str) -> Any:
+    """A value for a key whose default is a bool / number must be one (ints are fine where floats are)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return value
+    if not ok:
+        kind = "true or false" if isinstance(default, bool) else "a number"
+        raise ConfigError(f"{where}: '{dotted}' must be {kind}, got {value!r}")
+    return value
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -35,7 +70,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str, path: str
         if isinstance(out.get(key), dict) and isinstance(value, dict):
             out[key] = _merge(out[key], value, where, dotted + ".")
         else:
-            out[key] = value
+            out[key] = _check_type(out.get(key), value, where, dotted)
     return out
 
 
@@ -53,7 +88,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_scalar(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -95,7 +130,7 @@ def parse_flags(flags: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             section = section.setdefault(p, {})
-        section[leaf] = yaml.safe_load(raw)
+        section[leaf] = parse_scalar(raw)
     return out
 
 

@@ -858,19 +858,6 @@ def _teacher_for_mode(teacher: nn.Module, mode: str, loss: LossConfig, path: str
     return with_head
 
 
-def _numbers(section: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """YAML 1.1 reads ``5e-5`` (no dot) as a string; turn such strings back into the number the default is."""
-    out = dict(section)
-    for key, value in section.items():
-        default = defaults.get(key)
-        if isinstance(value, str) and isinstance(default, float) and not isinstance(default, bool):
-            try:
-                out[key] = float(value)
-            except ValueError:
-                pass
-    return out
-
-
 def _resolve_paths(recipe: dict[str, Any]) -> dict[str, Any]:
     """``pkg:PACKAGE/path`` (a path inside an installed package, as in fine-tuning recipes) -> a real path."""
     from .finetune import resolve_path
@@ -891,9 +878,7 @@ def run_distillation(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, A
 
     out_dir = Path(out_dir)
     rank, world = init_distributed()
-    defaults = default_recipe()
-    recipe = _resolve_paths({**recipe, "train": _numbers(recipe["train"], defaults["train"]),
-                             "loss": _numbers(recipe["loss"], defaults["loss"])})
+    recipe = _resolve_paths(recipe)
     loss_cfg = build(LossConfig, recipe["loss"], "loss")
     train_cfg = build(TrainConfig, recipe["train"], "train")
     teacher_path = recipe["teacher"]["path"]

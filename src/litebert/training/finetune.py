@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -528,15 +527,7 @@ def _prepare_sections(recipe: dict[str, Any]) -> tuple[str, dict[str, Any], dict
     spec = task_spec(task)
     if data["max_seq_length"] is None:
         data["max_seq_length"] = spec.max_seq_length
-    return task, model, data, _numbers(recipe["train"])
-
-
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _numbers(section: dict[str, Any]) -> dict[str, Any]:
-    """PyYAML reads ``3e-5`` (no dot) as a string (YAML 1.1); in the train section such a string is a number."""
-    return {k: float(v) if isinstance(v, str) and _FLOAT.match(v) else v for k, v in section.items()}
+    return task, model, data, dict(recipe["train"])
 
 
 def _settings(task: str, data: dict[str, Any]) -> dict[str, Any]:
