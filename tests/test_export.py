@@ -95,6 +95,21 @@ def test_onnx_and_int8_match_eager(family, task, tmp_path):
         assert int8["argmax_agreement"] >= INT8_ARGMAX
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_quantizes_every_layer_pass_including_shared_weights(family, tmp_path):
+    """ALBERT reuses one layer's weights in every pass; each pass's projections must still run in int8 (only the
+    two attention products per pass, which have no weights, stay fp32 MatMuls)."""
+    import onnx
+
+    model = _tiny(family, "text-classification", vocab_size=99)
+    path = quantize_int8(export_onnx(model, tmp_path / ONNX_FILE), tmp_path / INT8_FILE)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    passes = model.config.num_hidden_layers
+    projection = 1 if family == "albert-test" else 0  # ALBERT's E -> H
+    assert ops.count("MatMul") == 2 * passes
+    assert ops.count("MatMulInteger") == 4 * passes + projection + 2  # + the head's two projections
+
+
 def test_distilbert_has_no_token_type_input(tmp_path):
     path = export_onnx(_tiny("distilbert-test", "text-classification", vocab_size=99), tmp_path / ONNX_FILE)
     encoder = OnnxEncoder(path)

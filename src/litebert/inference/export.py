@@ -14,9 +14,9 @@ Tracing a padded batch records the masked path, which is exact for unpadded inpu
 nothing); the check batches prove it.
 
 int8 is dynamic quantisation (`onnxruntime.quantization.quantize_dynamic`): int8 weights, per output channel, for
-every MatMul with a constant operand (the encoder's projections and feed-forward); activations are quantised per
-call. The embedding tables, attention score products, LayerNorms and the heads on 2-D inputs (pooler, classifier,
-masked-LM head: Gemm nodes) stay fp32.
+every matrix product with a constant weight: the projections and feed-forward of every layer pass (ALBERT's shared
+weights included, see `_bypass_initializer_identities`) and the head's projections; activations are quantised per
+call. The embedding tables, attention score products and LayerNorms stay fp32.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ def export_onnx(model: nn.Module, path: str | Path, task: str | None = None, mas
                           input_names=list(names), output_names=list(outputs), do_constant_folding=True,
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, **outputs})
     proto = onnx.load(str(path))
+    _bypass_initializer_identities(proto.graph)
     onnx.checker.check_model(proto)
     meta = {"litebert.task": task, "litebert.model_type": model.config.model_type}
     if mask_token_id is not None:
@@ -168,6 +169,28 @@ def export_onnx(model: nn.Module, path: str | Path, task: str | None = None, mas
     onnx.helper.set_model_props(proto, meta)
     onnx.save(proto, str(path))
     return path
+
+
+def _bypass_initializer_identities(graph: Any) -> int:
+    """Point the consumers of ``Identity(initializer)`` at the initializer itself and drop the Identity.
+
+    The exporter stores a weight used more than once (ALBERT's shared layers, tied embeddings) once, and feeds every
+    use after the first through an Identity node. The int8 quantiser only quantises a MatMul whose weight is an
+    initializer, so without this it would leave every ALBERT layer pass after the first in fp32."""
+    initializers = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in graph_outputs}
+    if not alias:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)
 
 
 def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) -> Path:
@@ -334,13 +357,14 @@ class _Backend:
     pipe: Pipeline
 
 
-def _hf_model(model_dir: Path) -> nn.Module:
+def _hf_model(model_dir: Path, attn_implementation: str = "sdpa") -> nn.Module:
     """The same checkpoint as ``transformers`` fp32 runs it, behind our model's call (for timing only)."""
     import transformers
     from transformers import AutoModelForSequenceClassification
 
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    hf = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **{dtype_key: torch.float32}).eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation=attn_implementation,
+                                                            **{dtype_key: torch.float32}).eval()
 
     class HF(nn.Module):
         def __init__(self) -> None:
