@@ -239,3 +239,49 @@ def test_pooler_in_checkpoint_is_reported_when_model_has_none(tmp_path):
     mlm = litebert.EncoderForMaskedLM.from_pretrained(tmp_path)
     assert "bert.pooler.dense.weight" in mlm.load_report.unexpected
     assert "cls.predictions.bias" in mlm.load_report.missing  # new head, reported
+
+
+# -- the fused oneDNN inference path --------------------------------------------------------------------------
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_new", "relu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_inference_linear_matches_the_plain_one(act, dtype):
+    from litebert import layers
+
+    if not layers._HAS_ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80).to(dtype)
+    x = torch.randn(3, 7, 48).to(dtype)
+    plain = layers.linear(x, lin, act)  # autograd on: the plain path
+    with torch.no_grad():
+        assert layers._onednn_linear_applies(x, lin.weight)
+        fused = layers.linear(x, lin, act)
+    assert fused.shape == plain.shape == (3, 7, 80) and fused.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, plain.detach(), atol=tol, rtol=tol)
+
+
+def test_fused_path_is_left_to_training_autocast_and_tracing():
+    from litebert import layers
+
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    assert not layers._onednn_linear_applies(x, lin.weight)  # autograd on
+    with torch.no_grad():
+        assert not layers._onednn_linear_applies(x.bfloat16(), lin.weight)  # dtypes differ
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not layers._onednn_linear_applies(x, lin.weight)
+
+
+@pytest.mark.parametrize("name", ["bert-test", "albert-test", "distilbert-test"])
+def test_inference_outputs_equal_training_mode_path(name):
+    """The whole encoder at inference (fused path) equals the same forward with autograd on (plain path)."""
+    torch.manual_seed(0)
+    model = litebert.build_encoder(litebert.preset(name)).eval()
+    ids = torch.randint(5, 99, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    plain = model(ids, mask).last_hidden_state.detach()
+    with torch.inference_mode():
+        fused = model(ids, mask).last_hidden_state
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

@@ -27,6 +27,32 @@ def activation(name: str):
     raise ValueError(f"hidden_act: unknown activation {name!r}")
 
 
+# hidden_act -> (oneDNN post-op, its algorithm) for the fused inference path below.
+_ONEDNN_POSTOP = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+                  "relu": ("relu", ""), "silu": ("swish", "")}
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
+    return (_HAS_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
+
+
+def linear(x: Tensor, layer: nn.Linear, act: str | None = None) -> Tensor:
+    """``act(layer(x))``. At inference on CPU (no autograd, weights and input of one dtype, fp32 or bf16) this is
+    one oneDNN matmul with the bias and the activation fused into it (the op PyTorch's own compiler emits for CPU
+    linears): measured on the 2-core AVX-512 machine at (4096, 768) x (768, 3072), 215 ms against 266 ms for
+    ``F.linear`` + ``F.gelu`` in fp32 and 97 against 128 ms in bf16. Training, autocast, tracing for export and
+    other devices take the plain path; both agree to rounding (``tests/test_models.py``)."""
+    if _onednn_linear_applies(x, layer.weight):
+        postop, algorithm = _ONEDNN_POSTOP[act] if act else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, postop, [], algorithm)
+    y = layer(x)
+    return activation(act)(y) if act else y
+
+
 @dataclass
 class EncoderOutput:
     """What every encoder returns. Shapes: last_hidden_state (B, T, H), pooler_output (B, H) or None,
@@ -126,7 +152,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q, k, v = linear(x, self.qkv).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         p = self.attn_dropout if self.training else 0.0
         probs = None
         if self.impl == "sdpa" and not output_attentions and not _explicit_attention_is_faster(q):
@@ -138,7 +164,7 @@ class SelfAttention(nn.Module):
             probs = scores.softmax(dim=-1)
             y = F.dropout(probs, p, self.training) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
-        return self.norm(x + self.dropout(self.out(y))), probs
+        return self.norm(x + self.dropout(linear(y, self.out))), probs
 
 
 class FeedForward(nn.Module):
@@ -148,12 +174,13 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(hidden_size, intermediate_size)
         self.down = nn.Linear(intermediate_size, hidden_size)
-        self.act = activation(act)
+        activation(act)  # validates the name
+        self.act = act
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.down(self.act(self.up(x)))))
+        return self.norm(x + self.dropout(linear(linear(x, self.up, self.act), self.down)))
 
 
 class Block(nn.Module):

@@ -557,7 +557,7 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--onnx-file", default=None, help="ONNX file in --model (default: model.int8.onnx if present, "
                                                           "else model.onnx)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: %(default)s)")
-    parser.add_argument("--bf16", action="store_true", help="PyTorch backend: bf16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="PyTorch backend: bf16 weights and activations")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
                         help="inputs merged across requests into one pipeline call (default: %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
