@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
-from common import (
+import litebert
+from litebert.perf import (
     MiB,
     OtherLoad,
     current_rss,
@@ -67,8 +67,6 @@ from common import (
     reset_peak_rss,
     run_json_children,
 )
-
-import litebert
 
 # row name -> (library, dtype); the first two are the headline comparison.
 ROWS = {

@@ -48,8 +48,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when run as a script
-from common import _busy_cpu_seconds, format_table
+from litebert.perf import _busy_cpu_seconds, format_table
 
 MiB = 1 << 20
 SERVE = "import sys; from litebert.inference.server import serve_main; sys.exit(serve_main(sys.argv[1:]))"

@@ -1,5 +1,5 @@
-"""The pre-training benchmark runs end to end on tiny sizes and reports every figure (not that the targets are met:
-that needs the real sizes and a quiet machine)."""
+"""The benchmarks run end to end on tiny sizes and report every figure (not that the targets are met: that needs the
+real sizes and a quiet machine)."""
 
 import json
 import subprocess
@@ -37,3 +37,59 @@ def test_pretrain_throughput_quick_prints_all_figures():
     assert abs(losses["litebert"] - losses["transformers"]) < 1e-3
     # transformers projects every position onto the vocabulary, litebert only the masked ones.
     assert result["executed_flops_per_step"]["transformers"] > result["useful_flops_per_step"]
+
+
+# -- litebert bench (inference) ---------------------------------------------------------------------------------
+def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from litebert.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "--models", "albert-test,distilbert-test", "--shapes", "2x16,1x32", "--rounds", "3",
+                 "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "transformers ms" in table and "int8 x" in table and "Targets met" in table
+    result = json.loads(out.read_text())
+    assert [(r["model"], r["batch"], r["seq"]) for r in result["rows"]] == [
+        ("albert-test", 2, 16), ("albert-test", 1, 32), ("distilbert-test", 2, 16), ("distilbert-test", 1, 32)]
+    for row in result["rows"]:
+        assert set(row["ms"]) == {"transformers", "fp32", "bf16", "int8"} and min(row["ms"].values()) > 0
+        assert len(row["runs_ms"]["fp32"]) >= 3 and row["speedup"]["transformers"] == 1.0
+        assert row["max_logit_diff"]["fp32"] < 1e-4  # same weights, same inputs: the same model
+        assert 0 < row["peak_fraction"]["fp32"]
+    # The ALBERT batch-1 fp32 target is the stricter 1.3x; batch 2 is judged by the batch > 1 target.
+    fp32 = {(t["model"], t["shape"]): t["target"] for t in result["targets"] if t["backend"] == "fp32"}
+    assert fp32[("albert-test", "1x32")] == 1.3 and fp32[("distilbert-test", "1x32")] == 1.2
+    assert fp32[("albert-test", "2x16")] == 1.1
+
+
+def test_inference_bench_refuses_a_wrong_model_and_bad_arguments(tmp_path, capsys):
+    from litebert.config import preset
+    from litebert.heads import EncoderForSequenceClassification
+    from litebert.inference import bench
+
+    with pytest.raises(SystemExit):
+        bench.bench_main(["--shapes", "32by128"])
+    assert "--shapes: '32by128' is not BATCHxSEQ" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.bench_main(["--backends", "transformers,fp16"])
+    assert "unknown fp16" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="neither a preset"):
+        bench.run_bench([str(tmp_path / "nothing")], [(1, 8)], ["fp32"])
+    # A contender that computes something else is caught before any timing.
+    config = preset("bert-test")
+    model = EncoderForSequenceClassification(config).eval()
+    forwards = {"transformers": lambda x: model(**x).logits, "fp32": lambda x: model(**x).logits + 0.1}
+    with pytest.raises(RuntimeError, match="fp32: logits differ"):
+        bench.check_outputs(config, forwards, "transformers")
+
+
+def test_forward_flops_counts_the_projections_and_attention():
+    from litebert.config import preset
+    from litebert.inference.bench import forward_flops
+
+    bert = preset("bert-base")
+    # 12 layers x (2 * 128 tokens * 7.08M weights + 4 * 128^2 * 768) at batch 1.
+    assert forward_flops(bert, 1, 128) == 12 * (2 * 128 * (4 * 768**2 + 2 * 768 * 3072) + 4 * 128 * 128 * 768)
+    albert = preset("albert-base")
+    assert forward_flops(albert, 1, 128) == forward_flops(bert, 1, 128) + 2 * 128 * 128 * 768

@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError
 
 # command -> (module, function, one-line help). Modules are imported only when their command runs.
@@ -28,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("litebert.inference.export", "export_main",
                "export to ONNX (optionally int8), checked against eager PyTorch"),
     "serve": ("litebert.inference.server", "serve_main", "serve a model's pipeline over a JSON HTTP API (loopback)"),
+    "bench": ("litebert.inference.bench", "bench_main",
+              "inference latency vs transformers (fp32, bf16, ONNX int8), side by side in one run"),
     "info": ("litebert.cli", "info_main", "print a model directory's or preset's configuration and size"),
 }
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func, _ = COMMANDS[name]
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"litebert {name}: error: {e}", file=sys.stderr)
         return 2
 

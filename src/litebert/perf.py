@@ -1,5 +1,5 @@
-"""Helpers shared by the scripts in ``bench/``: the machine's matmul peak, interleaved step timing, peak memory of a
-fresh process, and the table printer.
+"""Measurement helpers shared by ``litebert bench`` and the scripts in ``bench/``: the machine's matmul peak,
+interleaved step timing, peak memory of a fresh process, other processes' load, and the table printer.
 
 Timing is noisy on a small shared machine, so every comparison here follows the same rules: all contenders are
 timed in one process, interleaved round by round with the order rotated (background load then hits each of them
