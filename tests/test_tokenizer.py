@@ -231,6 +231,24 @@ def test_convert_tokens_and_ids(trained):
     assert tok.convert_ids_to_tokens(ids[0]) == "[CLS]"
 
 
+def test_threads_sharing_a_tokenizer_keep_their_own_truncation(trained):
+    """Truncation is state on the Rust tokenizer: without the lock, one thread's max_length (or its reset to none)
+    leaks into another thread's call, as in a server whose handlers share the pipeline's tokenizer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, _ = trained
+    texts = [" ".join(make_corpus(seed=s, n_lines=6)) for s in range(8)]
+    full = [len(x) for x in tok(texts, padding=False, return_tensors=None)["input_ids"]]
+
+    def lengths(max_length):
+        rows = tok(texts, padding=False, return_tensors=None, max_length=max_length)["input_ids"]
+        return max_length, [len(r) for r in rows]
+
+    with ThreadPoolExecutor(8) as pool:
+        for max_length, got in pool.map(lengths, [5, None, 9, 17, None, 33] * 40):
+            assert got == [min(n, max_length or n) for n in full]
+
+
 def test_pickles_for_dataloader_workers(trained):
     tok, _ = trained
     clone = pickle.loads(pickle.dumps(tok))

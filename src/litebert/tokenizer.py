@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,8 @@ _SPECIAL_CANDIDATES: dict[str, tuple[str, ...]] = {
 _SPIECE_UNDERLINE = "▁"
 _BINARY_SNIFF_BYTES = 8192
 _MAX_LINE_WARNINGS_PER_FILE = 10  # a mis-encoded file can have millions of bad lines; the log should stay readable
+# One for all tokenizers: a lock per object would not survive pickling (DataLoader workers), and encoding is fast.
+_TRUNCATION_LOCK = threading.Lock()
 _TRAIN_BATCH_LINES = 1000  # train_from_iterator is much faster fed lists than single strings
 
 
@@ -295,13 +298,14 @@ class LiteTokenizer:
         stride: int = 0,
     ) -> list[Encoding]:
         # Truncation is state on the Rust tokenizer, so it is set for this call and cleared again; our copy is private,
-        # so nobody else sees the change.
-        if max_length is not None:
-            self._tok.enable_truncation(max_length, stride=stride, strategy=strategy)
-        try:
-            return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
-        finally:
-            self._tok.no_truncation()
+        # and the lock keeps threads that share this object (the server's handlers) from seeing each other's setting.
+        with _TRUNCATION_LOCK:
+            if max_length is not None:
+                self._tok.enable_truncation(max_length, stride=stride, strategy=strategy)
+            try:
+                return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+            finally:
+                self._tok.no_truncation()
 
     # -- persistence -------------------------------------------------------------------------------------------------
 
