@@ -7,6 +7,7 @@
 
 from .checkpoint import CheckpointError, LoadReport
 from .config import (
+    PRESETS,
     AlbertConfig,
     BertConfig,
     ConfigError,
@@ -14,7 +15,6 @@ from .config import (
     EncoderConfig,
     load_config,
     preset,
-    PRESETS,
 )
 from .heads import (
     EncoderForMaskedLM,
@@ -36,9 +36,29 @@ from .models.distilbert import DistilBertModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlbertConfig", "AlbertModel", "BertConfig", "BertModel", "CheckpointError", "ConfigError", "DistilBertConfig",
-    "DistilBertModel", "EncoderConfig", "EncoderForMaskedLM", "EncoderForMultipleChoice", "EncoderForPreTraining",
-    "EncoderForQuestionAnswering", "EncoderForSequenceClassification", "EncoderForTokenClassification",
-    "EncoderOutput", "HeadOutput", "LoadReport", "PRESETS", "build_encoder", "from_pretrained", "load_config",
-    "pipeline", "preset", "set_attn_implementation",
+    "PRESETS",
+    "AlbertConfig",
+    "AlbertModel",
+    "BertConfig",
+    "BertModel",
+    "CheckpointError",
+    "ConfigError",
+    "DistilBertConfig",
+    "DistilBertModel",
+    "EncoderConfig",
+    "EncoderForMaskedLM",
+    "EncoderForMultipleChoice",
+    "EncoderForPreTraining",
+    "EncoderForQuestionAnswering",
+    "EncoderForSequenceClassification",
+    "EncoderForTokenClassification",
+    "EncoderOutput",
+    "HeadOutput",
+    "LoadReport",
+    "build_encoder",
+    "from_pretrained",
+    "load_config",
+    "pipeline",
+    "preset",
+    "set_attn_implementation",
 ]

@@ -168,7 +168,7 @@ def hf_name_map(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _is_bare_encoder(model: nn.Module) -> bool:
-    return not hasattr(model, "encoder") or not isinstance(getattr(model, "encoder"), nn.Module)
+    return not hasattr(model, "encoder") or not isinstance(model.encoder, nn.Module)
 
 
 def _full_keys(model: nn.Module) -> list[str]:
