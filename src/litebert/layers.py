@@ -7,6 +7,7 @@ sharing and heads, which live in ``models/`` and ``heads.py``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,9 @@ def activation(name: str):
 # hidden_act -> (oneDNN post-op, its algorithm) for the fused inference path below.
 _ONEDNN_POSTOP = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
                   "relu": ("relu", ""), "silu": ("swish", "")}
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# LITEBERT_FUSED_LINEAR=0 turns the fused path off (to compare, or where a oneDNN build misbehaves).
+_HAS_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                      and os.environ.get("LITEBERT_FUSED_LINEAR", "1") != "0")
 
 
 def _onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
