@@ -155,7 +155,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         B, T, H = x.shape
-        q, k, v = linear(x, self.qkv).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        qkv = linear(x, self.qkv).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         p = self.attn_dropout if self.training else 0.0
         probs = None
         if self.impl == "sdpa" and not output_attentions and not _explicit_attention_is_faster(q):

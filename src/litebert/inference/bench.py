@@ -7,9 +7,8 @@
 For every model, one set of weights (a preset with a seeded random initialisation, or a model directory) is loaded
 into each contender: ``transformers`` (fp32, ``attn_implementation="sdpa"``, the baseline), litebert fp32, litebert
 bf16 (weights cast once, bf16 end to end, as ``pipeline(..., bf16=True)``), and the ONNX export quantised to int8
-run by ONNX Runtime. Before any
-timing, every contender's logits are compared with transformers' on a padded batch, and a difference past its
-tolerance stops the run: a fast wrong model is not a result.
+run by ONNX Runtime. Before any timing, every contender's logits are compared with transformers' on a padded
+batch, and a difference past its tolerance stops the run: a fast wrong model is not a result.
 
 Timing follows the rules of ``litebert.perf``: same inputs, same thread count, contenders interleaved round by
 round with the order rotated, warm-up excluded, medians reported. The table gives each contender's median latency,

@@ -517,9 +517,9 @@ def pipeline(task: str | None = None, model: nn.Module | str | Path | None = Non
     ``model`` is a model directory (litebert or ``transformers``; its tokenizer is loaded from it unless given)
     or a loaded model (then ``tokenizer`` is required: a LiteTokenizer or a directory). ``batch_size`` rows per
     forward pass, at most ``max_tokens`` padded tokens per pass when set; each batch is padded to its longest row
-    (rounded up to ``pad_to_multiple_of`` when set). ``bf16`` casts the model's weights to bf16
-    (in place) and runs in bf16 end to end. ``max_length`` truncates
-    inputs (default: 512, 384 for question answering, capped at the model's positions). Remaining keyword
+    (rounded up to ``pad_to_multiple_of`` when set). ``bf16`` casts the model's weights to bf16 (in place) and runs
+    in bf16 end to end. ``max_length`` truncates inputs (default: 512, 384 for question answering, capped at the
+    model's positions). Remaining keyword
     arguments are the task's options (e.g. ``top_k``, ``aggregation_strategy``) and become its defaults.
     """
     if model is None:
@@ -594,7 +594,8 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on padded tokens per forward pass")
     parser.add_argument("--max-length", type=int, default=None,
                         help="truncate inputs to this many tokens (default: 512, 384 for QA, capped by the model)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 weights and activations (AVX-512-bf16/AMX CPUs, recent GPUs)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 weights and activations (AVX-512-bf16/AMX CPUs, recent GPUs)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="text-classification: the k best labels; fill-mask: k fillers (default 5)")
