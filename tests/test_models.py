@@ -285,3 +285,39 @@ def test_inference_outputs_equal_training_mode_path(name):
     with torch.inference_mode():
         fused = model(ids, mask).last_hidden_state
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linears_match_and_follow_weight_changes(dtype):
+    """Pre-packed weights give the plain result, are remade when the weight changes in place (an optimizer step)
+    or is replaced (``.to``), and leave the state dict alone."""
+    from litebert import layers
+
+    if not (layers._HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        pytest.skip("this torch build has no oneDNN weight packing")
+    torch.manual_seed(0)
+    model = litebert.build_encoder(litebert.preset("bert-test")).eval().to(dtype)
+    ids = torch.randint(5, 99, (2, 11))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+
+    def check() -> None:
+        plain = model(ids).last_hidden_state.detach()  # autograd on: the plain path
+        with torch.inference_mode():
+            packed = model(ids).last_hidden_state
+        torch.testing.assert_close(packed, plain, atol=tol, rtol=tol)
+
+    keys = set(model.state_dict())
+    layers.prepack_linears(model)
+    check()
+    linear = next(m for m in model.modules() if m in layers._PACKED and layers._PACKED[m] is not None)
+    packed_before = layers._PACKED[linear][1]
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        for p in model.parameters():
+            p.mul_(1.5)
+    check()
+    assert layers._PACKED[linear][1] is not packed_before
+    model.float()  # a new weight tensor
+    tol = 1e-5
+    check()
+    assert layers._PACKED[linear][1].dtype == torch.float32
+    assert set(model.state_dict()) == keys

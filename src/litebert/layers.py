@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,39 @@ def _onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+# Linears opted in by `prepack_linears` -> (key of the weight they were packed from, the packed weight) or None.
+_PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int, torch.dtype], Tensor] | None] = (
+    weakref.WeakKeyDictionary())
+# bf16 rows (batch x tokens) up to which the packed weight pays: measured on the 2-core AMX machine, 20-25% faster
+# at 128 rows, but slower than oneDNN's own per-call reorder at 512 and 4096 rows. fp32 gains at every size (12% at
+# 128 rows, 3% at 512 and 4096).
+_BF16_PACKED_MAX_ROWS = 256
+
+
+def prepack_linears(model: nn.Module) -> nn.Module:
+    """Opt ``model``'s encoder linears into pre-packed weights for CPU inference: each weight is reordered once into
+    oneDNN's blocked layout (a second copy of the encoder weights) instead of on every call. The packed copy is
+    made lazily and remade whenever the weight changes (an optimizer step, ``load_state_dict``, ``.to(dtype)``), so
+    the model stays trainable and saveable; the packs live outside the module (nothing in its state dict)."""
+    if _HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module not in _PACKED:
+                _PACKED[module] = None
+    return model
+
+
+def _packed_weight(layer: nn.Linear, rows: int) -> Tensor:
+    weight = layer.weight
+    if layer not in _PACKED or (weight.dtype == torch.bfloat16 and rows > _BF16_PACKED_MAX_ROWS):
+        return weight
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    entry = _PACKED[layer]
+    if entry is None or entry[0] != key:
+        entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        _PACKED[layer] = entry
+    return entry[1]
+
+
 def linear(x: Tensor, layer: nn.Linear, act: str | None = None) -> Tensor:
     """``act(layer(x))``. At inference on CPU (no autograd, weights and input of one dtype, fp32 or bf16) this is
     one oneDNN matmul with the bias and the activation fused into it (the op PyTorch's own compiler emits for CPU
@@ -51,7 +85,8 @@ def linear(x: Tensor, layer: nn.Linear, act: str | None = None) -> Tensor:
     other devices take the plain path; both agree to rounding (``tests/test_models.py``)."""
     if _onednn_linear_applies(x, layer.weight):
         postop, algorithm = _ONEDNN_POSTOP[act] if act else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, postop, [], algorithm)
+        weight = _packed_weight(layer, x.numel() // x.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, postop, [], algorithm)
     y = layer(x)
     return activation(act)(y) if act else y
 

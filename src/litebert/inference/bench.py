@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..config import PRESETS, EncoderConfig, preset
 from ..heads import EncoderForSequenceClassification, from_pretrained
+from ..layers import prepack_linears
 from ..perf import OtherLoad, format_table, interleaved_step_times, matmul_peak
 
 __all__ = ["BACKENDS", "DEFAULT_MODELS", "DEFAULT_SHAPES", "bench_main", "forward_flops", "prepare_contenders",
@@ -113,11 +114,11 @@ def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path,
             hf = _hf_model(model_dir, attn_implementation="sdpa")
             forwards[backend] = _torch_forward(hf)
         elif backend == "fp32":
-            forwards[backend] = _torch_forward(ours)
+            forwards[backend] = _torch_forward(prepack_linears(ours))
         elif backend == "bf16":
             # As `pipeline(..., bf16=True)` runs: weights cast once, bf16 end to end (autocast would re-cast every
             # weight on every call, most of a batch-1 call, and rule out the fused oneDNN linears).
-            forwards[backend] = _torch_forward(copy.deepcopy(ours).to(torch.bfloat16))
+            forwards[backend] = _torch_forward(prepack_linears(copy.deepcopy(ours).to(torch.bfloat16)))
         elif backend == "int8":
             from .export import OnnxEncoder, export_onnx, quantize_int8
 

@@ -42,6 +42,7 @@ from ..heads import (
     from_pretrained,
     model_class_for,
 )
+from ..layers import prepack_linears
 from ..tokenizer import load_tokenizer
 from .batching import run_batched
 
@@ -115,6 +116,8 @@ class Pipeline:
         self.model = model.to(self.device).eval()
         if bf16:  # once, in place like the device move: no per-call casts, and the fused oneDNN path on CPU
             self.model.to(torch.bfloat16)
+        if self.device.type == "cpu":  # encoder weights reordered once for oneDNN, not on every call
+            prepack_linears(self.model)
         self.config = model.config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
