@@ -350,3 +350,14 @@ def test_load_test_script_runs_and_passes(model_dirs):
     assert all(r["failed"] == 0 and r["p50_ms"] > 0 and r["req_per_s"] > 0 for r in result["levels"])
     assert all(b["all_expected"] for b in result["bad_requests"].values()) and len(result["bad_requests"]) == 7
     assert result["memory"]["start_mib"] > 0 and result["server_exit_code"] == 0
+
+
+def test_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
+    from litebert.inference import server
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    server.bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(server.KERNEL_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"  # the user's setting wins
+    server._malloc_trim()()  # glibc's malloc_trim, or nothing where there is none; never an error
