@@ -321,3 +321,12 @@ def test_prepacked_linears_match_and_follow_weight_changes(dtype):
     check()
     assert layers._PACKED[linear][1].dtype == torch.float32
     assert set(model.state_dict()) == keys
+
+
+def test_prepacked_linears_work_on_a_model_built_under_inference_mode():
+    from litebert import layers
+
+    with torch.inference_mode():  # its weights are inference tensors, which keep no version counter
+        model = layers.prepack_linears(litebert.build_encoder(litebert.preset("bert-test")).eval())
+        ids = torch.randint(5, 99, (2, 11))
+        assert model(ids).last_hidden_state.shape == (2, 11, model.config.hidden_size)

@@ -69,7 +69,9 @@ def _packed_weight(layer: nn.Linear, rows: int) -> Tensor:
     weight = layer.weight
     if layer not in _PACKED or (weight.dtype == torch.bfloat16 and rows > _BF16_PACKED_MAX_ROWS):
         return weight
-    key = (weight.data_ptr(), weight._version, weight.dtype)
+    # Inference tensors (a model built under inference_mode) keep no version counter; they can only change in place
+    # under inference_mode, so a pack made from one is kept until the tensor is replaced.
+    key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version, weight.dtype)
     entry = _PACKED[layer]
     if entry is None or entry[0] != key:
         entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
