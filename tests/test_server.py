@@ -353,11 +353,15 @@ def test_load_test_script_runs_and_passes(model_dirs):
 
 
 def test_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
-    from litebert.inference import server
+    from litebert.inference import memory
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
-    server.bound_kernel_caches()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(server.KERNEL_CACHE_CAPACITY)
+    memory.bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory.KERNEL_CACHE_CAPACITY)
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"  # the user's setting wins
-    server._malloc_trim()()  # glibc's malloc_trim, or nothing where there is none; never an error
+    memory.malloc_trim()()  # glibc's malloc_trim, or nothing where there is none; never an error
+    monkeypatch.setenv("LITEBERT_KEEP_FREED_MEMORY", "0")
+    assert memory.keep_freed_memory() is False  # switched off
+    monkeypatch.delenv("LITEBERT_KEEP_FREED_MEMORY")
+    assert memory.keep_freed_memory() is (memory._libc_function("mallopt") is not None)

@@ -38,6 +38,7 @@ from ..config import PRESETS, EncoderConfig, preset
 from ..heads import EncoderForSequenceClassification, from_pretrained
 from ..layers import prepack_linears
 from ..perf import OtherLoad, format_table, interleaved_step_times, matmul_peak
+from .memory import keep_freed_memory
 
 __all__ = ["BACKENDS", "DEFAULT_MODELS", "DEFAULT_SHAPES", "bench_main", "forward_flops", "prepare_contenders",
            "run_bench"]
@@ -103,7 +104,9 @@ def _torch_forward(model: nn.Module) -> Forward:
 
 def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path,
                        threads: int) -> tuple[EncoderConfig, dict[str, Forward]]:
-    """Load the same weights into every backend asked for; returns the config and ``{backend: forward}``."""
+    """Load the same weights into every backend asked for; returns the config and ``{backend: forward}``. The
+    process's allocator is set up as `pipeline()` sets it (`keep_freed_memory`), for every contender alike."""
+    keep_freed_memory()
     ours = from_pretrained(str(model_dir)).eval()
     config = ours.config
     forwards: dict[str, Forward] = {}

@@ -45,6 +45,7 @@ from ..heads import (
 from ..layers import prepack_linears
 from ..tokenizer import load_tokenizer
 from .batching import run_batched
+from .memory import keep_freed_memory
 
 __all__ = [
     "TASKS", "FeatureExtractionPipeline", "FillMaskPipeline", "Pipeline", "QuestionAnsweringPipeline",
@@ -116,8 +117,9 @@ class Pipeline:
         self.model = model.to(self.device).eval()
         if bf16:  # once, in place like the device move: no per-call casts, and the fused oneDNN path on CPU
             self.model.to(torch.bfloat16)
-        if self.device.type == "cpu":  # encoder weights reordered once for oneDNN, not on every call
+        if self.device.type == "cpu":  # encoder weights reordered once for oneDNN; activation buffers reused
             prepack_linears(self.model)
+            keep_freed_memory()
         self.config = model.config
         self.tokenizer = tokenizer
         self.batch_size = batch_size

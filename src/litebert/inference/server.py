@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import difflib
 import json
 import logging
-import os
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,6 +47,7 @@ from typing import Any, ClassVar
 
 from tokenizers import Tokenizer
 
+from .memory import bound_kernel_caches, malloc_trim
 from .pipeline import Pipeline, pipeline
 
 __all__ = ["MicroBatcher", "ModelServer", "ServeConfig", "load_pipeline", "serve_main"]
@@ -145,34 +144,7 @@ class _JobQueue:
         return len(self._jobs)
 
 
-# oneDNN, and PyTorch's ideep layer over it, keep one compiled kernel per op and input shape, up to 1,024 each. A
-# server meets a new (batch, length) shape on most forward passes, so on the PyTorch backend those caches grew the
-# process by ~500 MiB before filling (a MiniLM classifier over 600 random shapes). `bench/serve_load.py`, 1,500
-# requests per level: +287 MiB with 1,024 entries, flat with 256 or 32; 32 cost a quarter of the 1-client
-# throughput (kernels rebuilt for most lengths), 256 kept the 8- and 32-client throughput. A capacity set in the
-# environment wins.
-KERNEL_CACHE_CAPACITY = 256
 TRIM_EVERY_S = 1.0  # at most one malloc_trim a second, after a batch
-_KERNEL_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
-def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
-    """Cap oneDNN's kernel caches. Takes effect only before this process's first oneDNN call (they read the
-    environment once), which is why `serve_main` calls it before loading the model."""
-    for name in _KERNEL_CACHE_ENV:
-        os.environ.setdefault(name, str(capacity))
-
-
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``: hands the free pages inside the heap back to the system. Tensors of ever-new sizes
-    leave the heap fragmented: 300 random batch shapes through a MiniLM classifier with 128-entry kernel caches grew
-    RSS by 560-600 MiB without it and by 370 MiB with a trim every 10 forward passes."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return lambda: None
-    trim.argtypes = [ctypes.c_size_t]
-    return lambda: trim(0)
 
 
 class MicroBatcher:
@@ -185,7 +157,7 @@ class MicroBatcher:
         self.queue = _JobQueue(max_queue)
         self.stats = {"requests": 0, "inputs": 0, "batches": 0, "errors": 0}
         self._last_jobs = 0
-        self._trim, self._trimmed_at = _malloc_trim(), time.monotonic()
+        self._trim, self._trimmed_at = malloc_trim(), time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="litebert-batcher", daemon=True)
 
     def start(self) -> MicroBatcher:
