@@ -14,13 +14,14 @@ import json
 import os
 import platform
 import statistics
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .perf import interleaved_step_times
 
 __all__ = ["compression_report", "count_parameters", "disk_size", "mcnemar", "measure_latency", "render_markdown",
            "write_report"]
@@ -63,19 +64,17 @@ def measure_latency(models: Mapping[str, nn.Module], batch_size: int, seq_len: i
     names = list(models)
     for m in models.values():
         m.eval()
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu",
-                                                                                                      enabled=False))
-    for _ in range(warmup):
-        for name in names:
-            with ctx():
-                models[name](ids, mask, types)
-    runs: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            with ctx():
-                start = time.perf_counter()
-                models[name](ids, mask, types)
-                runs[name].append((time.perf_counter() - start) * 1e3)
+
+    def step(model: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return model(ids, mask, types)
+
+        return run
+
+    times = interleaved_step_times({n: step(models[n]) for n in names}, rounds=repeats, steps_per_round=1,
+                                   warmup=warmup)
+    runs = {n: [t * 1e3 for t in times[n]["wall"]] for n in names}
     base = names[0]
     return {
         "ms": {n: statistics.median(v) for n, v in runs.items()},
