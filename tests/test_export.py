@@ -108,6 +108,8 @@ def test_int8_quantizes_every_layer_pass_including_shared_weights(family, tmp_pa
     projection = 1 if family == "albert-test" else 0  # ALBERT's E -> H
     assert ops.count("MatMul") == 2 * passes
     assert ops.count("MatMulInteger") == 4 * passes + projection + 2  # + the head's two projections
+    # the key-padding mask is an additive (B, 1, 1, T) bias: no NaN guard over the (B, nh, T, T) probabilities
+    assert "IsNaN" not in ops and ops.count("Softmax") == passes
 
 
 def test_distilbert_has_no_token_type_input(tmp_path):
