@@ -51,6 +51,7 @@ _PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int, torch.dtype]
 # at 128 rows, but slower than oneDNN's own per-call reorder at 512 and 4096 rows. fp32 gains at every size (12% at
 # 128 rows, 3% at 512 and 4096).
 _BF16_PACKED_MAX_ROWS = 256
+_CAN_PACK = _HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def prepack_linears(model: nn.Module) -> nn.Module:
@@ -58,7 +59,7 @@ def prepack_linears(model: nn.Module) -> nn.Module:
     oneDNN's blocked layout (a second copy of the encoder weights) instead of on every call. The packed copy is
     made lazily and remade whenever the weight changes (an optimizer step, ``load_state_dict``, ``.to(dtype)``), so
     the model stays trainable and saveable; the packs live outside the module (nothing in its state dict)."""
-    if _HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if _CAN_PACK:
         for module in model.modules():
             if isinstance(module, nn.Linear) and module not in _PACKED:
                 _PACKED[module] = None

@@ -39,8 +39,8 @@ def _libc_function(name: str) -> Callable[..., int] | None:
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds (once per process; True when applied) so activation buffers of up to
-    32 MiB are reused from the heap rather than mapped, zeroed and unmapped on every call."""
+    """Raise glibc's mmap and trim thresholds for the whole process (idempotent; True when applied) so activation
+    buffers of up to 32 MiB are reused from the heap rather than mapped, zeroed and unmapped on every call."""
     mallopt = _libc_function("mallopt")
     if mallopt is None or os.environ.get("LITEBERT_KEEP_FREED_MEMORY", "1") == "0":
         return False
