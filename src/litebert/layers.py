@@ -47,9 +47,9 @@ def _onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
 # Linears opted in by `prepack_linears` -> (key of the weight they were packed from, the packed weight) or None.
 _PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int, torch.dtype], Tensor] | None] = (
     weakref.WeakKeyDictionary())
-# bf16 rows (batch x tokens) up to which the packed weight pays: measured on the 2-core AMX machine, 20-25% faster
-# at 128 rows, but slower than oneDNN's own per-call reorder at 512 and 4096 rows. fp32 gains at every size (12% at
-# 128 rows, 3% at 512 and 4096).
+# bf16 rows (batch x tokens) up to which the packed weight pays: per linear on the 2-core AMX machine, 20-25% faster
+# at 128 rows, but slower than oneDNN's own per-call reorder at 512 and 4096 rows. Whole BERT-base
+# (`bench/inference_switches.py`): bf16 15% faster at 1 x 128; fp32 7-10% faster at 32 x 128, within noise at 1 x 128.
 _BF16_PACKED_MAX_ROWS = 256
 _CAN_PACK = _HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 

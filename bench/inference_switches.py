@@ -1,0 +1,77 @@
+"""What each CPU inference switch buys, measured interleaved in one process: pre-packed weights and the allocator.
+
+    python bench/inference_switches.py [--model bert-base] [--shape 32x128] [--rounds 4]
+
+- ``prepack``: litebert fp32 and bf16 with the encoder weights pre-packed (`layers.prepack_linears`, as `pipeline()`
+  runs) against the same model unpacked (oneDNN reorders the weight on every call); transformers fp32 alongside.
+- ``allocator``: every contender with glibc keeping freed buffers (the thresholds `inference.memory.keep_freed_memory`
+  sets) against fixed 128 KiB thresholds (glibc's starting point: large buffers mapped and unmapped on every call).
+  mallopt is switched before each timed call, so the two settings alternate in the same process.
+
+Prints median ms per contender and each setting's speed-up over transformers fp32 under the same setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch
+
+from litebert.heads import from_pretrained
+from litebert.inference import bench, memory
+from litebert.perf import interleaved_step_times, median
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int):
+    mallopt = ctypes.CDLL(None).mallopt
+
+    def apply() -> None:
+        mallopt(memory._M_MMAP_THRESHOLD, mmap_threshold)
+        mallopt(memory._M_TRIM_THRESHOLD, trim_threshold)
+
+    return apply
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="bert-base")
+    parser.add_argument("--shape", default="32x128", help="BATCHxSEQ")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    batch, seq = (int(v) for v in args.shape.split("x"))
+    workdir = Path(tempfile.mkdtemp())
+    model_dir = bench._model_dir(args.model, workdir)
+    config, forwards = bench.prepare_contenders(model_dir, ["transformers", "fp32", "bf16"], workdir,
+                                                torch.get_num_threads())
+    inputs = bench._inputs(config, batch, seq)
+    plain = from_pretrained(str(model_dir)).eval()  # never opted into packing
+    unpacked = {"fp32": bench._torch_forward(plain), "bf16": bench._torch_forward(copy.deepcopy(plain).bfloat16())}
+
+    steps = {"transformers": lambda: forwards["transformers"](inputs)}
+    for dtype in ("fp32", "bf16"):
+        steps[f"{dtype} packed"] = lambda d=dtype: forwards[d](inputs)
+        steps[f"{dtype} unpacked"] = lambda d=dtype: unpacked[d](inputs)
+    keep = _mallopt(memory._MMAP_THRESHOLD, memory._TRIM_THRESHOLD)
+    start = _mallopt(128 << 10, 128 << 10)
+    timed = {}
+    for name, step in steps.items():
+        for label, setting in (("keep", keep), ("128 KiB", start)):
+            timed[f"{name} / {label}"] = lambda s=step, a=setting: (a(), s())
+    times = interleaved_step_times(timed, rounds=args.rounds, steps_per_round=1, warmup=1)
+    ms = {name: median(t["wall"]) * 1e3 for name, t in times.items()}
+    print(f"{args.model} {batch}x{seq}, {torch.get_num_threads()} threads, median ms of {args.rounds} interleaved rounds")
+    for name, value in ms.items():
+        label = name.rsplit(" / ", 1)[1]
+        print(f"  {name:28s} {value:9.1f} ms  {ms['transformers / ' + label] / value:5.2f}x transformers")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
