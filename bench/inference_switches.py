@@ -1,4 +1,5 @@
-"""What each CPU inference switch buys, measured interleaved in one process: pre-packed weights and the allocator.
+"""What each CPU inference switch buys, measured interleaved in one process: pre-packed weights, the allocator and
+the [CLS]-only last layer.
 
     python bench/inference_switches.py [--model bert-base] [--shape 32x128] [--rounds 4]
 
@@ -7,6 +8,9 @@
 - ``allocator``: every contender with glibc keeping freed buffers (the thresholds `inference.memory.keep_freed_memory`
   sets) against fixed 128 KiB thresholds (glibc's starting point: large buffers mapped and unmapped on every call).
   mallopt is switched before each timed call, so the two settings alternate in the same process.
+- ``first_token_only``: every litebert contender runs the classifier as the text-classification pipeline does, its
+  last layer computing only the [CLS] position; ``fp32/bf16 all positions`` run the same packed models computing
+  every position of the last layer too (allocator setting ``keep`` only).
 
 Prints median ms per contender and each setting's speed-up over transformers fp32 under the same setting.
 """
@@ -26,6 +30,7 @@ import torch
 
 from litebert.heads import from_pretrained
 from litebert.inference import bench, memory
+from litebert.layers import prepack_linears
 from litebert.perf import interleaved_step_times, median
 
 
@@ -37,6 +42,14 @@ def _mallopt(mmap_threshold: int, trim_threshold: int):
         mallopt(memory._M_TRIM_THRESHOLD, trim_threshold)
 
     return apply
+
+
+def _all_positions(model: torch.nn.Module):
+    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(**inputs).logits.float()  # first_token_only off: the last layer computes every position
+
+    return forward
 
 
 def main() -> int:
@@ -53,6 +66,8 @@ def main() -> int:
     inputs = bench._inputs(config, batch, seq)
     plain = from_pretrained(str(model_dir)).eval()  # never opted into packing
     unpacked = {"fp32": bench._torch_forward(plain), "bf16": bench._torch_forward(copy.deepcopy(plain).bfloat16())}
+    every = {"fp32": _all_positions(prepack_linears(copy.deepcopy(plain))),
+             "bf16": _all_positions(prepack_linears(copy.deepcopy(plain).bfloat16()))}
 
     steps = {"transformers": lambda: forwards["transformers"](inputs)}
     for dtype in ("fp32", "bf16"):
@@ -64,6 +79,8 @@ def main() -> int:
     for name, step in steps.items():
         for label, setting in (("keep", keep), ("128 KiB", start)):
             timed[f"{name} / {label}"] = lambda s=step, a=setting: (a(), s())
+    for dtype in ("fp32", "bf16"):
+        timed[f"{dtype} all positions / keep"] = lambda d=dtype: (keep(), every[d](inputs))
     times = interleaved_step_times(timed, rounds=args.rounds, steps_per_round=1, warmup=1)
     ms = {name: median(t["wall"]) * 1e3 for name, t in times.items()}
     print(f"{args.model} {batch}x{seq}, {torch.get_num_threads()} threads, median ms of {args.rounds} interleaved rounds")

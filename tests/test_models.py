@@ -330,3 +330,43 @@ def test_prepacked_linears_work_on_a_model_built_under_inference_mode():
         model = layers.prepack_linears(litebert.build_encoder(litebert.preset("bert-test")).eval())
         ids = torch.randint(5, 99, (2, 11))
         assert model(ids).last_hidden_state.shape == (2, 11, model.config.hidden_size)
+
+
+@pytest.mark.parametrize("name", TEST_PRESETS)
+@pytest.mark.parametrize("task", ["classification", "multiple-choice"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_first_token_only_gives_the_same_logits_and_gradients(name, task, impl):
+    """A sentence head's ``first_token_only`` cuts the last layer to the [CLS] position: same logits and the same
+    gradients (nothing else reaches the loss), with padding, in either attention implementation, every family
+    (ALBERT-test has shared layers: only the last pass is cut)."""
+    torch.manual_seed(0)
+    model = build(name, task, attn_implementation=impl).train()
+    for m in model.modules():  # dropout off, so the two passes are comparable
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids, mask, types = make_batch(model.config, choices=2 if task == "multiple-choice" else None)
+    labels = head_inputs(task, model.config, ids)["labels"]
+    results = []
+    for cut in (False, True):
+        model.zero_grad()
+        out = model(ids, mask, types, labels=labels, first_token_only=cut)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (cut, cut_grads) = results
+    torch.testing.assert_close(cut.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert cut.last_hidden_state.shape[1] == 1 and full.last_hidden_state.shape[1] == ids.shape[-1]
+    assert cut_grads.keys() == full_grads.keys()
+    for n in full_grads:
+        torch.testing.assert_close(cut_grads[n], full_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    with torch.inference_mode():  # the fused inference path, as the pipeline runs it
+        torch.testing.assert_close(model.eval()(ids, mask, types, first_token_only=True).logits,
+                                   model(ids, mask, types).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_first_token_only_is_ignored_when_hidden_states_are_asked_for():
+    model = litebert.build_encoder(litebert.preset("bert-test")).eval()
+    ids = torch.randint(5, 99, (2, 11))
+    out = model(ids, first_token_only=True, output_hidden_states=True)
+    assert out.last_hidden_state.shape[1] == 11 and all(h.shape[1] == 11 for h in out.hidden_states)
+    assert model(ids, first_token_only=True).last_hidden_state.shape[1] == 1

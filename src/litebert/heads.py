@@ -62,9 +62,9 @@ class EncoderHead(PreTrainedMixin, nn.Module):
                 module.apply(lambda m: init_weights(m, self.config.initializer_range))
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
-                output_hidden_states: bool, output_attentions: bool) -> EncoderOutput:
+                output_hidden_states: bool, output_attentions: bool, first_token_only: bool = False) -> EncoderOutput:
         return self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
-                            output_attentions=output_attentions)
+                            output_attentions=output_attentions, first_token_only=first_token_only)
 
     def _output(self, out: EncoderOutput, **fields) -> HeadOutput:
         return HeadOutput(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
@@ -185,7 +185,12 @@ class EncoderForPreTraining(EncoderHead):
 
 
 class _SentenceHead(EncoderHead):
-    """Shared by sequence classification and multiple choice: the sentence vector and its dropout."""
+    """Shared by sequence classification and multiple choice: the sentence vector and its dropout.
+
+    Their ``forward`` takes ``first_token_only=True`` to have the encoder's last layer compute the [CLS] position
+    alone, the only one the head reads (the logits are the same; ``last_hidden_state`` is then (B, 1, H)): 1/L of
+    the encoder's work saved, 1/6 for DistilBERT. The text-classification pipeline, the server, ``litebert bench``
+    and the ONNX export use it; it is off by default, and ignored when hidden states or attentions are requested."""
 
     uses_pooler = True
 
@@ -212,9 +217,10 @@ class EncoderForSequenceClassification(_SentenceHead):
         super().__init__(config, config.num_labels)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                labels: Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> HeadOutput:
-        out = self._encode(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions)
+                labels: Tensor | None = None, output_hidden_states: bool = False, output_attentions: bool = False,
+                first_token_only: bool = False) -> HeadOutput:
+        out = self._encode(input_ids, attention_mask, token_type_ids, output_hidden_states, output_attentions,
+                           first_token_only)
         logits = self.classifier(self.dropout(self._sentence_vector(out)))  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -234,15 +240,15 @@ class EncoderForMultipleChoice(_SentenceHead):
         super().__init__(config, 1)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                labels: Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> HeadOutput:
+                labels: Tensor | None = None, output_hidden_states: bool = False, output_attentions: bool = False,
+                first_token_only: bool = False) -> HeadOutput:
         B, C, T = input_ids.shape
 
         def flat(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.reshape(B * C, T)
 
         out = self._encode(flat(input_ids), flat(attention_mask), flat(token_type_ids), output_hidden_states,
-                           output_attentions)
+                           output_attentions, first_token_only)
         logits = self.classifier(self.dropout(self._sentence_vector(out))).view(B, C)  # (B, C)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return self._output(out, loss=loss, logits=logits)

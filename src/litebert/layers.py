@@ -191,10 +191,14 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(hidden_dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
-    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False,
+                first_token_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``first_token_only``: attend from position 0 alone (over every key) and return (B, 1, H)."""
         B, T, H = x.shape
         qkv = linear(x, self.qkv).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        if first_token_only:
+            q, x, T = q[:, :, :1], x[:, :1], 1  # (B, nh, 1, hs), (B, 1, H)
         p = self.attn_dropout if self.training else 0.0
         probs = None
         # Tracing (ONNX export) takes the explicit path too: the exporter writes SDPA with a mask as a softmax
@@ -237,8 +241,9 @@ class Block(nn.Module):
         self.attn = make_attention(config)
         self.ffn = make_ffn(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
-        x, probs = self.attn(x, mask, output_attentions)
+    def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False,
+                first_token_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        x, probs = self.attn(x, mask, output_attentions, first_token_only)
         return self.ffn(x), probs
 
 

@@ -7,13 +7,15 @@
 For every model, one set of weights (a preset with a seeded random initialisation, or a model directory) is loaded
 into each contender: ``transformers`` (fp32, ``attn_implementation="sdpa"``, the baseline), litebert fp32, litebert
 bf16 (weights cast once, bf16 end to end, as ``pipeline(..., bf16=True)``), and the ONNX export quantised to int8
-run by ONNX Runtime. Before any timing, every contender's logits are compared with transformers' on a padded
+run by ONNX Runtime. Each runs a sequence classifier as the text-classification pipeline does: litebert's last layer
+computes only the [CLS] position the head reads (``first_token_only``; same logits), transformers computes every
+position, as it always does. Before any timing, every contender's logits are compared with transformers' on a padded
 batch, and a difference past its tolerance stops the run: a fast wrong model is not a result.
 
 Timing follows the rules of ``litebert.perf``: same inputs, same thread count, contenders interleaved round by
 round with the order rotated, warm-up excluded, medians reported. The table gives each contender's median latency,
 its speed-up over transformers (ratio of medians), and the fraction of the machine's measured matmul peak it
-reaches (model FLOPs / time / peak: fp32 peak for fp32 contenders, bf16 peak for bf16; int8 against the fp32 peak,
+reaches (the full model's FLOPs, the same for every contender, / time / peak: fp32 peak for fp32 contenders, bf16 peak for bf16; int8 against the fp32 peak,
 for scale). ``--json FILE`` keeps everything, including each contender's run times and the other processes' CPU
 load during the run, the figure to check before trusting a ratio on a shared machine.
 """
@@ -97,7 +99,7 @@ Forward = Callable[[dict[str, Tensor]], Tensor]
 def _torch_forward(model: nn.Module) -> Forward:
     def forward(inputs: dict[str, Tensor]) -> Tensor:
         with torch.inference_mode():
-            return model(**inputs).logits.float()
+            return model(**inputs, first_token_only=True).logits.float()  # transformers' wrapper ignores it
 
     return forward
 

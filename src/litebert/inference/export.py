@@ -93,7 +93,8 @@ class ExportModule(nn.Module):
             hidden = self.model.encoder(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, T, H)
             selected = hidden[input_ids == self.mask_token_id]  # (N, H)
             return (self.model.mlm_head(selected, self.model.encoder.word_embeddings.weight),)  # (N, V)
-        out = self.model(input_ids, attention_mask, token_type_ids)
+        sentence = self.task == "text-classification"  # the head reads [CLS] alone: the last layer computes only it
+        out = self.model(input_ids, attention_mask, token_type_ids, **({"first_token_only": True} if sentence else {}))
         return tuple(getattr(out, name) for name in TASK_OUTPUTS[self.task])
 
 

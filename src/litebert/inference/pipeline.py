@@ -212,7 +212,9 @@ class TextClassificationPipeline(Pipeline):
         top_k = opts["top_k"]
         if top_k is not None and top_k != "all" and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int, 'all' or None, got {top_k!r}")
-        logits = self._run(lambda b: self.model(**b).logits.float().cpu().unbind(0), self._encode(items))
+        # The head reads [CLS] alone, so the last layer computes only that position (same logits, 1/L less work).
+        logits = self._run(lambda b: self.model(**b, first_token_only=True).logits.float().cpu().unbind(0),
+                           self._encode(items))
         if self.config.num_labels == 1:
             return [{"score": float(row[0])} for row in logits]
         labels = self._labels()

@@ -49,13 +49,18 @@ class AlbertModel(PreTrainedMixin, nn.Module):
         return self.embeddings.word
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> EncoderOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                first_token_only: bool = False) -> EncoderOutput:
+        """See `litebert.models.bert.BertModel.forward` (here the last pass's last inner layer is the one cut to
+        position 0)."""
         mask = key_padding_mask(attention_mask)
         x = self.project(self.embeddings(input_ids, token_type_ids))  # (B, T, E) -> (B, T, H)
         hidden, attns = [x], []
-        for attn_ids, ffn_ids in zip(self._attn_index, self._ffn_index):
-            for a, f in zip(attn_ids, ffn_ids):
-                x, probs = self.attn[a](x, mask, output_attentions)
+        cut = first_token_only and not (output_hidden_states or output_attentions)
+        last = (len(self._attn_index) - 1, len(self._attn_index[-1]) - 1) if cut else None
+        for i, (attn_ids, ffn_ids) in enumerate(zip(self._attn_index, self._ffn_index)):
+            for j, (a, f) in enumerate(zip(attn_ids, ffn_ids)):
+                x, probs = self.attn[a](x, mask, output_attentions, (i, j) == last)
                 x = self.ffn[f](x)
                 attns.append(probs)
             hidden.append(x)

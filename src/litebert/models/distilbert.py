@@ -27,13 +27,16 @@ class DistilBertModel(PreTrainedMixin, nn.Module):
         return self.embeddings.word
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> EncoderOutput:
-        # token_type_ids is accepted (tokenizers produce it) and ignored: DistilBERT has no segment embeddings.
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                first_token_only: bool = False) -> EncoderOutput:
+        """See `litebert.models.bert.BertModel.forward`. ``token_type_ids`` is accepted (tokenizers produce it) and
+        ignored: DistilBERT has no segment embeddings."""
         mask = key_padding_mask(attention_mask)
         x = self.embeddings(input_ids)  # (B, T, H)
         hidden, attns = [x], []
-        for layer in self.layers:
-            x, probs = layer(x, mask, output_attentions)
+        last = len(self.layers) - 1 if first_token_only and not (output_hidden_states or output_attentions) else -1
+        for i, layer in enumerate(self.layers):
+            x, probs = layer(x, mask, output_attentions, i == last)
             hidden.append(x)
             attns.append(probs)
         return EncoderOutput(
