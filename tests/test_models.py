@@ -18,7 +18,7 @@ def make_batch(config, B=3, T=12, choices=None):
     shape = (B, choices, T) if choices else (B, T)
     ids = torch.randint(5, config.vocab_size, shape, generator=g)
     mask = torch.ones_like(ids)
-    mask[..., 1, 8:] = 0 if not choices else 0
+    mask[..., 1, 8:] = 0
     if choices:
         mask[0, 1, 8:] = 0
     else:

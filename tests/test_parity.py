@@ -8,8 +8,9 @@ from litebert import heads
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TINY = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "intermediate_size": 37, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0}
 
 # (family, HF config kwargs). ALBERT is covered over every sharing layout the reference supports.
 FAMILIES = {
@@ -38,7 +39,7 @@ TASKS = {  # our class -> HF auto class name suffix
 }
 
 HF_PREFIX = {"bert": "Bert", "albert": "Albert", "distilbert": "DistilBert"}
-TOL = dict(rtol=1e-4, atol=1e-5)
+TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def hf_class(family: str, suffix: str):
@@ -62,7 +63,7 @@ def inputs(multiple_choice: bool = False):
 
 
 def hf_outputs(model, family, ids, mask, types):
-    kwargs = dict(input_ids=ids, attention_mask=mask)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
     if not family.startswith("distilbert"):
         kwargs["token_type_ids"] = types
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_cli_writes_model_metrics_and_curves(corpus, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "litebert", "pretrain", "--out", str(out), "--train.max_steps", "8",
            "--data.train", str(corpus / "train.txt"), "--data.validation", str(corpus / "val.txt"), *TINY]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("run.yaml", "metrics.jsonl", "metrics.json", "curves.png", "final/config.json",
                  "final/model.safetensors", "final/tokenizer.json"):
@@ -106,7 +106,7 @@ def test_torchrun_two_processes_on_cpu(corpus, tmp_path):
            "-m", "litebert", "pretrain", "--out", str(out), "--train.max_steps", "6",
            "--data.train", str(corpus / "train.txt"), "--data.validation", str(corpus / "val.txt"),
            "--data.cache_dir", str(tmp_path / "cache"), *TINY, "--train.batch_size", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp, one = _losses(out), _losses(single)
     assert [s for s, _ in ddp] == list(range(1, 7))
@@ -121,7 +121,7 @@ def test_corpus_smaller_than_one_batch_is_a_clear_error(tmp_path):
     cmd = [sys.executable, "-m", "litebert", "pretrain", "--out", str(tmp_path / "run"), "--train.max_steps", "2",
            "--data.train", str(tmp_path / "tiny.txt"), *TINY, "--train.batch_size", "64",
            "--tokenizer.vocab_size", "40"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "tiny.txt" in proc.stderr and "batch" in proc.stderr
 

@@ -144,7 +144,7 @@ class EncoderConfig:
         for key, value in d.items():
             if key in valid:
                 kwargs[key] = value
-            elif key in _HF_BOOKKEEPING or key.startswith("_") or key.startswith("litebert_"):
+            elif key in _HF_BOOKKEEPING or key.startswith(("_", "litebert_")):
                 continue
             else:
                 raise unknown_key_error(key, valid, f"{cls.__name__} (config.json)")
@@ -292,21 +292,22 @@ def load_config(path: str | Path) -> EncoderConfig:
 
 
 # -- presets ----------------------------------------------------------------------------------------------------
-_TEST = dict(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
-             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_TEST = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "intermediate_size": 37, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+         "attention_probs_dropout_prob": 0.0}
 
 PRESETS: dict[str, tuple[type[EncoderConfig], dict[str, Any]]] = {
     # name: (class, overrides). Sizes follow the papers; parameter counts are asserted in tests/test_presets.py.
     "bert-base": (BertConfig, {}),
-    "bert-large": (BertConfig, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                    intermediate_size=4096)),
+    "bert-large": (BertConfig, {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                "intermediate_size": 4096}),
     "albert-base": (AlbertConfig, {}),
-    "albert-large": (AlbertConfig, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                        intermediate_size=4096)),
-    "albert-xlarge": (AlbertConfig, dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                                         intermediate_size=8192)),
-    "albert-xxlarge": (AlbertConfig, dict(hidden_size=4096, num_hidden_layers=12, num_attention_heads=64,
-                                          intermediate_size=16384)),
+    "albert-large": (AlbertConfig, {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                    "intermediate_size": 4096}),
+    "albert-xlarge": (AlbertConfig, {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                     "intermediate_size": 8192}),
+    "albert-xxlarge": (AlbertConfig, {"hidden_size": 4096, "num_hidden_layers": 12, "num_attention_heads": 64,
+                                      "intermediate_size": 16384}),
     "distilbert-base": (DistilBertConfig, {}),
     "bert-test": (BertConfig, _TEST),
     "albert-test": (AlbertConfig, dict(_TEST, embedding_size=16, num_hidden_groups=2, inner_group_num=1)),

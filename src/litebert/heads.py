@@ -160,7 +160,9 @@ class EncoderForPreTraining(EncoderHead):
 
     def __init__(self, config: EncoderConfig):
         if isinstance(config, DistilBertConfig):
-            raise ValueError("DistilBERT has no sentence-level pre-training head; use EncoderForMaskedLM")
+            # a valid config this head cannot use: a ValueError, as every other config error here
+            msg = "DistilBERT has no sentence-level pre-training head; use EncoderForMaskedLM"
+            raise ValueError(msg)  # noqa: TRY004
         super().__init__(config)
         self.mlm_head = MaskedLMHead(config)
         self.sentence_dropout = nn.Dropout(config.head_dropout if isinstance(config, AlbertConfig) else 0.0)

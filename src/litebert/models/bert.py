@@ -41,10 +41,9 @@ class BertModel(PreTrainedMixin, nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False,
                 first_token_only: bool = False) -> EncoderOutput:
-        """See `litebert.layers.EncoderOutput` for the shapes.
-    ``first_token_only``: the last layer pass computes position 0 alone (its attention still reads every position), so
-    ``last_hidden_state`` is (B, 1, H); what a [CLS]-reading sentence head needs, for 1/L less work. Ignored when
-    hidden states or attentions are requested."""
+        """See `litebert.layers.EncoderOutput` for the shapes. ``first_token_only``: the last layer computes position 0
+        alone (its attention still reads every position), so ``last_hidden_state`` is (B, 1, H): what a [CLS]-reading
+        sentence head needs, for 1/L less work. Ignored when hidden states or attentions are requested."""
         mask = key_padding_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
         hidden, attns = [x], []
