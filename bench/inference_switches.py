@@ -1,5 +1,5 @@
-"""What each CPU inference switch buys, measured interleaved in one process: pre-packed weights, the allocator and
-the [CLS]-only last layer.
+"""What each CPU inference switch buys, measured interleaved in one process: pre-packed weights, the allocator, the
+[CLS]-only last layer and, for ONNX int8, ONNX Runtime's SkipLayerNormalization fusion.
 
     python bench/inference_switches.py [--model bert-base] [--shape 32x128] [--rounds 4]
 
@@ -11,6 +11,8 @@ the [CLS]-only last layer.
 - ``first_token_only``: every litebert contender runs the classifier as the text-classification pipeline does, its
   last layer computing only the [CLS] position; ``fp32/bf16 all positions`` run the same packed models computing
   every position of the last layer too (allocator setting ``keep`` only).
+- ``SkipLayerNormFusion``: the int8 export as `OnnxEncoder` runs it (the fusion off, `DISABLED_ORT_OPTIMIZERS`)
+  against the same file with ONNX Runtime's default passes (``int8 SkipLN fused``; allocator setting ``keep`` only).
 
 Prints median ms per contender and each setting's speed-up over transformers fp32 under the same setting.
 """
@@ -30,6 +32,7 @@ import torch
 
 from litebert.heads import from_pretrained
 from litebert.inference import bench, memory
+from litebert.inference.export import INT8_FILE, OnnxEncoder
 from litebert.layers import prepack_linears
 from litebert.perf import interleaved_step_times, median
 
@@ -61,8 +64,9 @@ def main() -> int:
     batch, seq = (int(v) for v in args.shape.split("x"))
     workdir = Path(tempfile.mkdtemp())
     model_dir = bench._model_dir(args.model, workdir)
-    config, forwards = bench.prepare_contenders(model_dir, ["transformers", "fp32", "bf16"], workdir,
-                                                torch.get_num_threads())
+    threads = torch.get_num_threads()
+    config, forwards = bench.prepare_contenders(model_dir, ["transformers", "fp32", "bf16", "int8"], workdir, threads)
+    fused = OnnxEncoder(workdir / f"{model_dir.name}-onnx" / INT8_FILE, threads, disabled_optimizers=())
     inputs = bench._inputs(config, batch, seq)
     plain = from_pretrained(str(model_dir)).eval()  # never opted into packing
     unpacked = {"fp32": bench._torch_forward(plain), "bf16": bench._torch_forward(copy.deepcopy(plain).bfloat16())}
@@ -81,6 +85,8 @@ def main() -> int:
             timed[f"{name} / {label}"] = lambda s=step, a=setting: (a(), s())
     for dtype in ("fp32", "bf16"):
         timed[f"{dtype} all positions / keep"] = lambda d=dtype: (keep(), every[d](inputs))
+    timed["int8 / keep"] = lambda: (keep(), forwards["int8"](inputs))
+    timed["int8 SkipLN fused / keep"] = lambda: (keep(), fused(**inputs))
     times = interleaved_step_times(timed, rounds=args.rounds, steps_per_round=1, warmup=1)
     ms = {name: median(t["wall"]) * 1e3 for name, t in times.items()}
     print(f"{args.model} {batch}x{seq}, {torch.get_num_threads()} threads, median ms of {args.rounds} interleaved rounds")

@@ -43,7 +43,7 @@ from ..tokenizer import load_tokenizer
 from .pipeline import PIPELINES, Pipeline, _resolve_task, task_for_model
 
 __all__ = [
-    "INT8_FILE", "ONNX_FILE", "REPORT_FILE", "TASK_OUTPUTS", "OnnxEncoder", "OnnxTaskModel", "check_cases",
+    "DISABLED_ORT_OPTIMIZERS", "INT8_FILE", "ONNX_FILE", "REPORT_FILE", "TASK_OUTPUTS", "OnnxEncoder", "OnnxTaskModel", "check_cases",
     "check_inputs", "check_onnx", "export_main", "export_onnx", "onnx_pipeline", "quantize_int8", "within_tolerance",
 ]
 
@@ -68,6 +68,11 @@ TASK_OUTPUTS: dict[str, dict[str, dict[int, str]]] = {
     "fill-mask": {"mask_logits": {0: "masked"}},
     "feature-extraction": {"last_hidden_state": {0: "batch", 1: "sequence"}},
 }
+# ONNX Runtime graph passes `OnnxEncoder` turns off. Its SkipLayerNormalization kernel (residual add + LayerNorm in
+# one op) ran slower than the Add and LayerNormalization it replaces on the 2-core AMX machine: without the fusion the
+# int8 graphs were 3-16% faster in all nine (model, shape) cells of the bench (`python bench/inference_switches.py`
+# times it on and off); fp32 graphs are not fused by it anyway.
+DISABLED_ORT_OPTIMIZERS = ("SkipLayerNormFusion",)
 _TRACE_SHAPE = (2, 16)
 _CHECK_SHAPES = ((3, 23, True), (1, 9, False), (5, 61, True))  # (batch, sequence, padded): none is the traced shape
 
@@ -229,10 +234,12 @@ class OnnxEncoder:
     token_type_ids)`` -> ``{output name: np.ndarray}``. Inputs may be tensors or arrays, (B, T) integers; a missing
     mask means no padding, missing token types are zeros. Safe to call from several threads at once.
 
-    ``threads`` defaults to torch's intra-op thread count, so ONNX and eager timings use the same cores.
+    ``threads`` defaults to torch's intra-op thread count, so ONNX and eager timings use the same cores;
+    ``disabled_optimizers`` names ONNX Runtime graph passes to skip (default `DISABLED_ORT_OPTIMIZERS`).
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 disabled_optimizers: Sequence[str] = DISABLED_ORT_OPTIMIZERS):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -240,7 +247,8 @@ class OnnxEncoder:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=list(disabled_optimizers))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
