@@ -21,7 +21,7 @@ Why the numbers can be trusted:
   ``round(0.15 * seq)``, so every step does the same work), random SOP labels; every row cycles through the same
   batches. Same optimizer, same thread count (``--threads``).
 - Throughput: all rows live in one process and are timed interleaved (``--rounds`` rounds; each row runs ``--steps``
-  steps per round; the order rotates each round) after ``--warmup`` untimed steps, so load from other processes
+  steps per round; a fresh order each round) after ``--warmup`` untimed steps, so load from other processes
   lands on all rows alike. Tokens/s = batch * seq / median step time; the 25-75% range of step times is printed
   so the noise is visible. The share of the CPUs that other processes took meanwhile is measured (``/proc/stat``)
   and printed: on a busy machine the ratios shrink, because a descheduled OpenMP thread stalls each of litebert's

@@ -2,8 +2,9 @@
 interleaved step timing, peak memory of a fresh process, other processes' load, and the table printer.
 
 Timing is noisy on a small shared machine, so every comparison here follows the same rules: all contenders are
-timed in one process, interleaved round by round with the order rotated (background load then hits each of them
-alike), warm-up excluded, and summarised by the median. Peak memory, in contrast, is measured in one fresh
+timed in one process, interleaved round by round in a fresh order each round (background load then hits each of
+them alike, and no contender always runs right after the same other one), warm-up excluded, and summarised by the
+median. Peak memory, in contrast, is measured in one fresh
 subprocess per contender, because the allocator's high-water mark and its cached free blocks would otherwise leak
 from one contender into the next.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import resource
 import statistics
@@ -54,8 +56,10 @@ def _timed(fn: Callable[[], object]) -> float:
 def interleaved_step_times(steps: dict[str, Callable[[], object]], rounds: int, steps_per_round: int,
                            warmup: int) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each ``steps[name]``, as ``{"wall": [...], "cpu": [...]}``: ``warmup`` untimed calls
-    each, then ``rounds`` rounds in which every contender runs ``steps_per_round`` timed calls back to back; the
-    order rotates by one each round so none always runs right after the same other one.
+    each, then ``rounds`` rounds in which every contender runs ``steps_per_round`` timed calls back to back, in a
+    seeded random order per round. (A rotation would keep every contender right after the same neighbour in all but
+    one position, so one that leaves the CPU busy, e.g. ONNX Runtime's spinning worker threads, or cold, would
+    always hit the same other one.)
 
     ``cpu`` is this process's CPU time (all its threads) per call. Single-threaded, it is what the wall time would be
     on a quiet machine, whatever other processes do; with more threads it also counts their spin-waits."""
@@ -65,7 +69,7 @@ def interleaved_step_times(steps: dict[str, Callable[[], object]], rounds: int, 
             steps[name]()
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in random.Random(r).sample(names, len(names)):
             for _ in range(steps_per_round):
                 cpu0, wall0 = time.process_time(), time.perf_counter()
                 steps[name]()

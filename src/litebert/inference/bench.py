@@ -13,8 +13,8 @@ position, as it always does. Before any timing, every contender's logits are com
 batch, and a difference past its tolerance stops the run: a fast wrong model is not a result.
 
 Timing follows the rules of ``litebert.perf``: same inputs, same thread count, contenders interleaved round by
-round with the order rotated, warm-up excluded, medians reported. The table gives each contender's median latency,
-its speed-up over transformers (ratio of medians), and the fraction of the machine's measured matmul peak it
+round in a fresh order each round, warm-up excluded, medians reported. The table gives each contender's median
+latency, its speed-up over transformers (ratio of medians), and the fraction of the machine's measured matmul peak it
 reaches (the full model's FLOPs, the same for every contender, / time / peak: fp32 peak for fp32 contenders, bf16
 peak for bf16; int8 against the fp32 peak, for scale). ``--json FILE`` keeps everything, including each contender's run times and the other processes' CPU
 load during the run, the figure to check before trusting a ratio on a shared machine.
