@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import shutil
 import time
 import warnings
@@ -70,7 +71,7 @@ TASK_OUTPUTS: dict[str, dict[str, dict[int, str]]] = {
 }
 # ONNX Runtime graph passes `OnnxEncoder` turns off. Its SkipLayerNormalization kernel (residual add + LayerNorm in
 # one op) ran slower than the Add and LayerNormalization it replaces on the 2-core AMX machine: without the fusion
-# int8 BERT-base ran 8% faster at 32 x 128 and 59% at 1 x 128 (`python bench/inference_switches.py`, which times it on
+# int8 BERT-base ran 5% faster at 32 x 128 and 11% at 1 x 128 (`python bench/inference_switches.py`, which times it on
 # and off). Our fp32 graphs are not fused by it anyway.
 DISABLED_ORT_OPTIMIZERS = ("SkipLayerNormFusion",)
 _TRACE_SHAPE = (2, 16)
@@ -429,8 +430,8 @@ def validate(model_dir: Path, out_dir: Path, files: Sequence[str], path: str | P
     for b in backends:  # the first pass scores and warms up
         preds = [names[p["label"]] for p in b.pipe(inputs)]
         result["backends"][b.name] = {"accuracy": accuracy(np.array(preds), np.array(gold))}
-    for r in range(rounds):
-        for b in backends[r % len(backends):] + backends[:r % len(backends)]:
+    for r in range(rounds):  # a fresh order each round, as `litebert.perf.interleaved_step_times` times
+        for b in random.Random(r).sample(backends, len(backends)):
             t0 = time.perf_counter()
             b.pipe(inputs)
             seconds[b.name].append(time.perf_counter() - t0)
