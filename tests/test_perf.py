@@ -1,6 +1,8 @@
 """The interleaved timing that every benchmark uses: each contender is timed the asked number of times, after its
 warm-up, and the order changes between rounds so that no contender always runs right after the same other one."""
 
+from itertools import pairwise
+
 from litebert.perf import interleaved_step_times
 
 
@@ -17,5 +19,5 @@ def test_interleaved_step_times_varies_who_runs_before_whom():
     assert all(r[0::2] == r[1::2] for r in rounds)
     # (a rotation would put every contender after the same neighbour in every round where it is not first)
     orders = [r[0::2] for r in rounds]
-    predecessors = {n: {a for order in orders for a, b in zip(order, order[1:]) if b == n} for n in steps}
+    predecessors = {n: {a for order in orders for a, b in pairwise(order) if b == n} for n in steps}
     assert all(len(p) >= 2 for p in predecessors.values()), predecessors
