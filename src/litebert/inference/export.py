@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import shutil
 import time
 import warnings
@@ -40,12 +39,14 @@ from torch import Tensor, nn
 from ..checkpoint import TOKENIZER_FILES, resolve_model_dir
 from ..config import EncoderConfig, load_config
 from ..heads import EncoderForMaskedLM, EncoderForPreTraining, EncoderHead, HeadOutput, from_pretrained
+from ..perf import interleaved_step_times
 from ..tokenizer import load_tokenizer
 from .pipeline import PIPELINES, Pipeline, _resolve_task, task_for_model
 
 __all__ = [
-    "DISABLED_ORT_OPTIMIZERS", "INT8_FILE", "ONNX_FILE", "REPORT_FILE", "TASK_OUTPUTS", "OnnxEncoder", "OnnxTaskModel", "check_cases",
-    "check_inputs", "check_onnx", "export_main", "export_onnx", "onnx_pipeline", "quantize_int8", "within_tolerance",
+    "DISABLED_ORT_OPTIMIZERS", "INT8_FILE", "ONNX_FILE", "REPORT_FILE", "TASK_OUTPUTS", "OnnxEncoder", "OnnxTaskModel",
+    "check_cases", "check_inputs", "check_onnx", "export_main", "export_onnx", "onnx_pipeline", "quantize_int8",
+    "within_tolerance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,8 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export_report.json"
 # 20: the first opset with a Gelu op, tanh approximation included. At 17 the exporter spells ALBERT's tanh GELU as
-# ten elementwise ops that ONNX Runtime does not fuse (`python bench/inference.py`: ALBERT-base int8 at 32 x 128 went
-# from 2.8-3.0x to 3.1-4.0x transformers fp32; BERT's erf GELU was fused either way). Runtimes need opset-20 support
-# (ONNX Runtime >= 1.17); --opset 17 still exports.
+# ten elementwise ops that ONNX Runtime does not fuse (BERT's erf GELU was fused either way). Runtimes need opset-20
+# support (ONNX Runtime >= 1.17); --opset 17 still exports.
 OPSET = 20
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Outputs per pipeline task, with their dynamic axes. Fill-mask projects only the [MASK] positions onto the
@@ -430,15 +430,11 @@ def validate(model_dir: Path, out_dir: Path, files: Sequence[str], path: str | P
         backends.append(_Backend(name, onnx_pipeline(out_dir, "text-classification", onnx_file=name, **opts)))
 
     result: dict[str, Any] = {"file": str(path), "examples": len(examples), "metric": "accuracy", "backends": {}}
-    seconds: dict[str, list[float]] = {b.name: [] for b in backends}
     for b in backends:  # the first pass scores and warms up
         preds = [names[p["label"]] for p in b.pipe(inputs)]
         result["backends"][b.name] = {"accuracy": accuracy(np.array(preds), np.array(gold))}
-    for r in range(rounds):  # a fresh order each round, as `litebert.perf.interleaved_step_times` times
-        for b in random.Random(r).sample(backends, len(backends)):
-            t0 = time.perf_counter()
-            b.pipe(inputs)
-            seconds[b.name].append(time.perf_counter() - t0)
+    steps = {b.name: (lambda pipe=b.pipe: pipe(inputs)) for b in backends}
+    seconds = {name: t["wall"] for name, t in interleaved_step_times(steps, rounds, 1, warmup=0).items()}
     for b in backends:
         if seconds[b.name]:
             result["backends"][b.name]["examples_per_s"] = len(inputs) / float(np.median(seconds[b.name]))
