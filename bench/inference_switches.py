@@ -47,14 +47,6 @@ def _mallopt(mmap_threshold: int, trim_threshold: int):
     return apply
 
 
-def _all_positions(model: torch.nn.Module):
-    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(**inputs).logits.float()  # first_token_only off: the last layer computes every position
-
-    return forward
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bert-base")
@@ -70,8 +62,8 @@ def main() -> int:
     inputs = bench._inputs(config, batch, seq)
     plain = from_pretrained(str(model_dir)).eval()  # never opted into packing
     unpacked = {"fp32": bench._torch_forward(plain), "bf16": bench._torch_forward(copy.deepcopy(plain).bfloat16())}
-    every = {"fp32": _all_positions(prepack_linears(copy.deepcopy(plain))),
-             "bf16": _all_positions(prepack_linears(copy.deepcopy(plain).bfloat16()))}
+    every = {"fp32": bench._torch_forward(prepack_linears(copy.deepcopy(plain)), first_token_only=False),
+             "bf16": bench._torch_forward(prepack_linears(copy.deepcopy(plain).bfloat16()), first_token_only=False)}
 
     steps = {"transformers": lambda: forwards["transformers"](inputs)}
     for dtype in ("fp32", "bf16"):
@@ -89,7 +81,7 @@ def main() -> int:
     timed["int8 SkipLN fused / keep"] = lambda: (keep(), fused(**inputs))
     times = interleaved_step_times(timed, rounds=args.rounds, steps_per_round=1, warmup=1)
     ms = {name: median(t["wall"]) * 1e3 for name, t in times.items()}
-    print(f"{args.model} {batch}x{seq}, {torch.get_num_threads()} threads, median ms of {args.rounds} interleaved rounds")
+    print(f"{args.model} {batch}x{seq}, {threads} threads, median ms of {args.rounds} interleaved rounds")
     for name, value in ms.items():
         label = name.rsplit(" / ", 1)[1]
         print(f"  {name:28s} {value:9.1f} ms  {ms['transformers / ' + label] / value:5.2f}x transformers")

@@ -1,12 +1,11 @@
 """Measurement helpers shared by ``litebert bench`` and the scripts in ``bench/``: the machine's matmul peak,
 interleaved step timing, peak memory of a fresh process, other processes' load, and the table printer.
 
-Timing is noisy on a small shared machine, so every comparison here follows the same rules: all contenders are
-timed in one process, interleaved round by round in a fresh order each round (background load then hits each of
-them alike, and no contender always runs right after the same other one), warm-up excluded, and summarised by the
-median. Peak memory, in contrast, is measured in one fresh
-subprocess per contender, because the allocator's high-water mark and its cached free blocks would otherwise leak
-from one contender into the next.
+Timing is noisy on a small shared machine, so every comparison here follows the same rules: all contenders are timed
+in one process, interleaved round by round in a fresh order each round (background load then hits each of them
+alike, and no contender always runs right after the same other one), warm-up excluded, and summarised by the median.
+Peak memory, in contrast, is measured in one fresh subprocess per contender, because the allocator's high-water mark
+and its cached free blocks would otherwise leak from one contender into the next.
 """
 
 from __future__ import annotations

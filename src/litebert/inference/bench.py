@@ -12,12 +12,12 @@ computes only the [CLS] position the head reads (``first_token_only``; same logi
 position, as it always does. Before any timing, every contender's logits are compared with transformers' on a padded
 batch, and a difference past its tolerance stops the run: a fast wrong model is not a result.
 
-Timing follows the rules of ``litebert.perf``: same inputs, same thread count, contenders interleaved round by
-round in a fresh order each round, warm-up excluded, medians reported. The table gives each contender's median
-latency, its speed-up over transformers (ratio of medians), and the fraction of the machine's measured matmul peak it
-reaches (the full model's FLOPs, the same for every contender, / time / peak: fp32 peak for fp32 contenders, bf16
-peak for bf16; int8 against the fp32 peak, for scale). ``--json FILE`` keeps everything, including each contender's run times and the other processes' CPU
-load during the run, the figure to check before trusting a ratio on a shared machine.
+Timing follows the rules of ``litebert.perf``: same inputs, same thread count, contenders interleaved round by round
+in a fresh order each round, warm-up excluded, medians reported. The table gives each contender's median latency,
+its speed-up over transformers (ratio of medians), and the fraction of the machine's measured matmul peak it reaches
+(the full model's FLOPs, the same for every contender, / time / peak: fp32 peak for fp32 contenders, bf16 peak for
+bf16; int8 against the fp32 peak, for scale). ``--json FILE`` keeps everything, including each contender's run times
+and the other processes' CPU load during the run, the figure to check before trusting a ratio on a shared machine.
 """
 
 from __future__ import annotations
@@ -96,10 +96,13 @@ def _inputs(config: EncoderConfig, batch: int, seq: int, padded: bool = False, s
 Forward = Callable[[dict[str, Tensor]], Tensor]
 
 
-def _torch_forward(model: nn.Module) -> Forward:
+def _torch_forward(model: nn.Module, first_token_only: bool = True) -> Forward:
+    """``model``'s logits under inference mode; ``first_token_only`` as the text-classification pipeline runs it
+    (transformers' wrapper ignores it)."""
+
     def forward(inputs: dict[str, Tensor]) -> Tensor:
         with torch.inference_mode():
-            return model(**inputs, first_token_only=True).logits.float()  # transformers' wrapper ignores it
+            return model(**inputs, first_token_only=first_token_only).logits.float()
 
     return forward
 
