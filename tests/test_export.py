@@ -97,21 +97,44 @@ def test_onnx_and_int8_match_eager(family, task, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_quantizes_every_layer_pass_including_shared_weights(family, tmp_path):
-    """ALBERT reuses one layer's weights in every pass; each pass's projections must still run in int8 (only the
-    two attention products per pass, which have no weights, stay fp32 MatMuls)."""
+    """ALBERT reuses one layer's weights in every pass; each pass's projections must still run in int8. Each attention
+    is one opset-23 Attention node (fp32: it has no weights), with no head transposes around it."""
     import onnx
 
     model = _tiny(family, "text-classification", vocab_size=99)
-    path = quantize_int8(export_onnx(model, tmp_path / ONNX_FILE), tmp_path / INT8_FILE)
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    proto = onnx.load(str(quantize_int8(export_onnx(model, tmp_path / ONNX_FILE), tmp_path / INT8_FILE)))
+    ops = [n.op_type for n in proto.graph.node]
     passes = model.config.num_hidden_layers
     projection = 1 if family == "albert-test" else 0  # ALBERT's E -> H
-    assert ops.count("MatMul") == 2 * passes
+    assert {e.version for e in proto.opset_import if e.domain in ("", "ai.onnx")} == {23}
+    assert ops.count("Attention") == passes
+    assert "MatMul" not in ops and "Softmax" not in ops and "Transpose" not in ops
     assert ops.count("MatMulInteger") == 4 * passes + projection + 2  # + the head's two projections
-    # the key-padding mask is an additive (B, 1, 1, T) bias: no NaN guard over the (B, nh, T, T) probabilities
-    assert "IsNaN" not in ops and ops.count("Softmax") == passes
-    # one Gelu op per pass (opset 20), not the exporter's spelled-out erf or tanh formula (the Tanh left is the pooler's)
+    # one Gelu op per pass (opset 20 on), not the exporter's spelled-out erf or tanh formula (the Tanh left is the
+    # pooler's)
     assert ops.count("Gelu") == passes and "Erf" not in ops and ops.count("Tanh") <= 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_opset_20_spells_attention_out_and_matches_eager(family, tmp_path):
+    """For runtimes without opset 23: the two attention products per pass are fp32 MatMuls around one Softmax, the
+    key-padding mask an additive (B, 1, 1, T) bias (no NaN guard over the (B, nh, T, T) probabilities)."""
+    import onnx
+
+    model = _tiny(family, "text-classification", vocab_size=99)
+    path = export_onnx(model, tmp_path / ONNX_FILE, opset=20)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    passes = model.config.num_hidden_layers
+    # per pass: the QKV, output, up and down projections and the two attention products (ALBERT: + its E -> H)
+    assert "Attention" not in ops and ops.count("MatMul") == 6 * passes + (family == "albert-test")
+    assert "IsNaN" not in ops and ops.count("Softmax") == passes
+    fp32 = check_onnx(ExportModule(model, "text-classification").eval(), OnnxEncoder(path), check_cases(model.config))
+    assert max(fp32["max_abs_diff"].values()) <= FP32_ATOL
+
+
+def test_export_rejects_an_unsupported_opset(tmp_path):
+    with pytest.raises(ValueError, match="--opset: 24"):
+        export_onnx(_tiny("bert-test", "text-classification", vocab_size=99), tmp_path / ONNX_FILE, opset=24)
 
 
 def test_distilbert_has_no_token_type_input(tmp_path):

@@ -6,6 +6,7 @@ sharing and heads, which live in ``models/`` and ``heads.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -157,6 +158,41 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+# Set by `onnx_attention_op` for the duration of an ONNX export.
+_ONNX_ATTENTION_OP = False
+
+
+@contextlib.contextmanager
+def onnx_attention_op():
+    """Within this block, tracing writes each attention as one ONNX ``Attention`` node (opset 23) instead of
+    matmul, softmax, matmul and the reshapes and transposes around them. The caller declares opset 23 in the file."""
+    global _ONNX_ATTENTION_OP
+    previous, _ONNX_ATTENTION_OP = _ONNX_ATTENTION_OP, True
+    try:
+        yield
+    finally:
+        _ONNX_ATTENTION_OP = previous
+
+
+class _AttentionOp(torch.autograd.Function):
+    """softmax(q k^T / sqrt(hs) + bias) v over (B, T, H) projections, traced as one ONNX ``Attention`` node. In ONNX
+    Runtime 1.32 on the 2-core AVX-512 CPU, one such node took 14-30% less time than the spelled-out graph (1 x 512,
+    32 x 128, 1 x 128, with the head split and merge; one-off timing of a single layer). ``bias``: (B, 1, Tq, Tk),
+    additive: ONNX Runtime requires the query axis written out."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_heads: int) -> Tensor:
+        B, Tq, H = q.shape
+        heads = lambda t: t.view(B, t.shape[1], num_heads, H // num_heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias)  # (B, nh, Tq, hs)
+        return y.transpose(1, 2).reshape(B, Tq, H)
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, num_heads: int):
+        """The ONNX node (``g``: the TorchScript graph being exported; ``q``, ``k``, ``v``, ``bias``: its values)."""
+        return g.op("Attention", q, k, v, bias, q_num_heads_i=num_heads, kv_num_heads_i=num_heads).setType(q.type())
+
+
 _EXPLICIT_ATTENTION_MAX_T = 384
 
 
@@ -195,6 +231,8 @@ class SelfAttention(nn.Module):
                 first_token_only: bool = False) -> tuple[Tensor, Tensor | None]:
         """``first_token_only``: attend from position 0 alone (over every key) and return (B, 1, H)."""
         B, T, H = x.shape
+        if _ONNX_ATTENTION_OP and torch.jit.is_tracing() and not output_attentions:
+            return self._traced_attention_op(x, mask, first_token_only), None
         qkv = linear(x, self.qkv).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         if first_token_only:
@@ -215,6 +253,18 @@ class SelfAttention(nn.Module):
             y = F.dropout(probs, p, self.training) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
         return self.norm(x + self.dropout(linear(y, self.out))), probs
+
+    def _traced_attention_op(self, x: Tensor, mask: Tensor | None, first_token_only: bool) -> Tensor:
+        """`forward` for `onnx_attention_op`: (B, T, H) projections into one `_AttentionOp`, no head transposes."""
+        B, T, H = x.shape
+        q, k, v = linear(x, self.qkv).split(H, dim=-1)  # (B, T, H) each
+        if first_token_only:
+            q, x = q[:, :1], x[:, :1]
+        if mask is None:
+            mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+        bias = ((~mask).to(x.dtype) * torch.finfo(x.dtype).min).expand(B, 1, q.shape[1], T)  # (B, 1, Tq, T)
+        y = _AttentionOp.apply(q, k, v, bias, self.num_heads)
+        return self.norm(x + self.dropout(linear(y, self.out)))
 
 
 class FeedForward(nn.Module):

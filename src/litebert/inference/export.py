@@ -22,6 +22,7 @@ call. The embedding tables, attention score products and LayerNorms stay fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from ..checkpoint import TOKENIZER_FILES, resolve_model_dir
 from ..config import EncoderConfig, load_config
 from ..heads import EncoderForMaskedLM, EncoderForPreTraining, EncoderHead, HeadOutput, from_pretrained
+from ..layers import onnx_attention_op
 from ..perf import interleaved_step_times
 from ..tokenizer import load_tokenizer
 from .pipeline import PIPELINES, Pipeline, _resolve_task, task_for_model
@@ -54,10 +56,15 @@ logger = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export_report.json"
-# 20: the first opset with a Gelu op, tanh approximation included. At 17 the exporter spells ALBERT's tanh GELU as
-# ten elementwise ops that ONNX Runtime does not fuse (BERT's erf GELU was fused either way). Runtimes need opset-20
-# support (ONNX Runtime >= 1.17); --opset 17 still exports.
-OPSET = 20
+# 23: the first opset with an Attention op: each attention is one node (`litebert.layers.onnx_attention_op`), which
+# ONNX Runtime runs faster than the spelled-out matmul-softmax-matmul graph. 20 gave a Gelu op (ALBERT's tanh GELU was
+# ten unfused elementwise ops at 17). Runtimes need opset-23 support (ONNX Runtime >= 1.23); --opset 17 to 22 still
+# export, with the attention spelled out (and, below 20, GELU too).
+OPSET = 23
+MIN_OPSET = 17  # LayerNormalization
+# The TorchScript exporter writes opsets up to this one; a higher opset is written at it and declared afterwards (the
+# ops it writes mean the same at 21-23, which only add element types; the ONNX checker confirms each).
+_TRACER_MAX_OPSET = 20
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Outputs per pipeline task, with their dynamic axes. Fill-mask projects only the [MASK] positions onto the
 # vocabulary, (N, V) in row-major order, as the eager fill-mask pipeline does: full (B, T, V) logits would be
@@ -156,6 +163,8 @@ def export_onnx(model: nn.Module, path: str | Path, task: str | None = None, mas
     task = _resolve_task(task) or trained_for
     if task not in (trained_for, "feature-extraction"):
         raise ValueError(f"a {type(model).__name__} exports for {trained_for} or feature-extraction, not {task}")
+    if not MIN_OPSET <= opset <= OPSET:
+        raise ValueError(f"--opset: {opset} is not supported (choose {MIN_OPSET} to {OPSET})")
     model = model.float().eval().cpu()
     module = ExportModule(model, task, mask_token_id).eval()
     names = _input_names(model.config)
@@ -164,14 +173,19 @@ def export_onnx(model: nn.Module, path: str | Path, task: str | None = None, mas
     outputs = TASK_OUTPUTS[task]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
+    attention_op = onnx_attention_op() if opset >= 23 else contextlib.nullcontext()
+    with warnings.catch_warnings(), torch.no_grad(), attention_op:
         # The tracer warns about the branches it freezes (the mask shortcut, the position-table bound check) and
         # the exporter about being the legacy one; both are expected here and checked by `check_onnx`.
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(sample[n] for n in names), str(path), dynamo=False, opset_version=opset,
-                          input_names=list(names), output_names=list(outputs), do_constant_folding=True,
+        torch.onnx.export(module, tuple(sample[n] for n in names), str(path), dynamo=False,
+                          opset_version=min(opset, _TRACER_MAX_OPSET), input_names=list(names),
+                          output_names=list(outputs), do_constant_folding=True,
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, **outputs})
     proto = onnx.load(str(path))
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
     _bypass_initializer_identities(proto.graph)
     onnx.checker.check_model(proto)
     meta = {"litebert.task": task, "litebert.model_type": model.config.model_type}
