@@ -61,6 +61,12 @@ def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsy
     fp32 = {(t["model"], t["shape"]): t["target"] for t in result["targets"] if t["backend"] == "fp32"}
     assert fp32[("albert-test", "1x32")] == 1.3 and fp32[("distilbert-test", "1x32")] == 1.2
     assert fp32[("albert-test", "2x16")] == 1.1
+    for target in result["targets"]:  # the spread of the per-round ratios, from the same rounds
+        row = next(r for r in result["rows"] if (r["model"], f"{r['batch']}x{r['seq']}") == (target["model"],
+                                                                                          target["shape"]))
+        ratios = [a / b for a, b in zip(row["runs_ms"]["transformers"], row["runs_ms"][target["backend"]])]
+        q1, q3 = target["round_speedup_quartiles"]
+        assert min(ratios) <= q1 <= q3 <= max(ratios)
 
 
 def test_inference_bench_refuses_a_wrong_model_and_bad_arguments(tmp_path, capsys):
