@@ -1,5 +1,5 @@
 """What each CPU inference switch buys, measured interleaved in one process: pre-packed weights, the allocator, the
-[CLS]-only last layer and, for ONNX int8, ONNX Runtime's SkipLayerNormalization fusion.
+[CLS]-only last layer and, for ONNX int8, the opset-23 Attention node and ONNX Runtime's SkipLayerNormalization fusion.
 
     python bench/inference_switches.py [--model bert-base] [--shape 32x128] [--rounds 4]
 
@@ -13,6 +13,8 @@
   every position of the last layer too (allocator setting ``keep`` only).
 - ``SkipLayerNormFusion``: the int8 export as `OnnxEncoder` runs it (the fusion off, `DISABLED_ORT_OPTIMIZERS`)
   against the same file with ONNX Runtime's default passes (``int8 SkipLN fused``; allocator setting ``keep`` only).
+- ``opset``: the int8 export (opset 23: one Attention node per layer) against the same model exported at opset 20,
+  where attention is spelled out as matmul, softmax, matmul and the head transposes (``int8 opset 20``).
 
 Prints median ms per contender and each setting's speed-up over transformers fp32 under the same setting.
 """
@@ -32,7 +34,7 @@ import torch
 
 from litebert.heads import from_pretrained
 from litebert.inference import bench, memory
-from litebert.inference.export import INT8_FILE, OnnxEncoder
+from litebert.inference.export import INT8_FILE, ONNX_FILE, OnnxEncoder, export_onnx, quantize_int8
 from litebert.layers import prepack_linears
 from litebert.perf import interleaved_step_times, median
 
@@ -79,6 +81,10 @@ def main() -> int:
         timed[f"{dtype} all positions / keep"] = lambda d=dtype: (keep(), every[d](inputs))
     timed["int8 / keep"] = lambda: (keep(), forwards["int8"](inputs))
     timed["int8 SkipLN fused / keep"] = lambda: (keep(), fused(**inputs))
+    at_20 = workdir / "opset-20"
+    spelled = OnnxEncoder(quantize_int8(export_onnx(copy.deepcopy(plain), at_20 / ONNX_FILE, opset=20),
+                                        at_20 / INT8_FILE), threads)
+    timed["int8 opset 20 / keep"] = lambda: (keep(), spelled(**inputs))
     times = interleaved_step_times(timed, rounds=args.rounds, steps_per_round=1, warmup=1)
     ms = {name: median(t["wall"]) * 1e3 for name, t in times.items()}
     print(f"{args.model} {batch}x{seq}, {threads} threads, median ms of {args.rounds} interleaved rounds")
