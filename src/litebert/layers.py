@@ -230,9 +230,17 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None, output_attentions: bool = False,
                 first_token_only: bool = False) -> tuple[Tensor, Tensor | None]:
         """``first_token_only``: attend from position 0 alone (over every key) and return (B, 1, H)."""
-        B, T, H = x.shape
         if _ONNX_ATTENTION_OP and torch.jit.is_tracing() and not output_attentions:
-            return self._traced_attention_op(x, mask, first_token_only), None
+            (y, x), probs = self._attention_node(x, mask, first_token_only), None
+        else:
+            y, x, probs = self._attention(x, mask, output_attentions, first_token_only)
+        return self.norm(x + self.dropout(linear(y, self.out))), probs
+
+    def _attention(self, x: Tensor, mask: Tensor | None, output_attentions: bool,
+                   first_token_only: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> the heads' merged output (B, T, H), the residual input (``x``, or its position 0) and the probabilities
+        when computed."""
+        B, T, H = x.shape
         qkv = linear(x, self.qkv).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         if first_token_only:
@@ -251,11 +259,10 @@ class SelfAttention(nn.Module):
                 scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
             probs = scores.softmax(dim=-1)
             y = F.dropout(probs, p, self.training) @ v  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
-        return self.norm(x + self.dropout(linear(y, self.out))), probs
+        return y.transpose(1, 2).reshape(B, T, H), x, probs
 
-    def _traced_attention_op(self, x: Tensor, mask: Tensor | None, first_token_only: bool) -> Tensor:
-        """`forward` for `onnx_attention_op`: (B, T, H) projections into one `_AttentionOp`, no head transposes."""
+    def _attention_node(self, x: Tensor, mask: Tensor | None, first_token_only: bool) -> tuple[Tensor, Tensor]:
+        """`_attention` for `onnx_attention_op`: the (B, T, H) projections into one `_AttentionOp`, no head split."""
         B, T, H = x.shape
         q, k, v = linear(x, self.qkv).split(H, dim=-1)  # (B, T, H) each
         if first_token_only:
@@ -263,8 +270,7 @@ class SelfAttention(nn.Module):
         if mask is None:
             mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
         bias = ((~mask).to(x.dtype) * torch.finfo(x.dtype).min).expand(B, 1, q.shape[1], T)  # (B, 1, Tq, T)
-        y = _AttentionOp.apply(q, k, v, bias, self.num_heads)
-        return self.norm(x + self.dropout(linear(y, self.out)))
+        return _AttentionOp.apply(q, k, v, bias, self.num_heads), x
 
 
 class FeedForward(nn.Module):
