@@ -34,7 +34,7 @@ import torch
 
 from litebert.heads import from_pretrained
 from litebert.inference import bench, memory
-from litebert.inference.export import INT8_FILE, ONNX_FILE, OnnxEncoder, export_onnx, quantize_int8
+from litebert.inference.export import OnnxEncoder
 from litebert.layers import prepack_linears
 from litebert.perf import interleaved_step_times, median
 
@@ -59,10 +59,13 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp())
     model_dir = bench._model_dir(args.model, workdir)
     threads = torch.get_num_threads()
-    config, forwards = bench.prepare_contenders(model_dir, ["transformers", "fp32", "bf16", "int8"], workdir, threads)
-    fused = OnnxEncoder(workdir / f"{model_dir.name}-onnx" / INT8_FILE, threads, disabled_optimizers=())
+    config, forwards = bench.prepare_contenders(model_dir, ["transformers", "fp32", "bf16"], workdir, threads)
     inputs = bench._inputs(config, batch, seq)
     plain = from_pretrained(str(model_dir)).eval()  # never opted into packing
+    int8_file = bench.int8_export(plain, workdir / "int8")
+    int8 = {"int8": OnnxEncoder(int8_file, threads),
+            "int8 SkipLN fused": OnnxEncoder(int8_file, threads, disabled_optimizers=()),
+            "int8 opset 20": OnnxEncoder(bench.int8_export(plain, workdir / "opset-20", opset=20), threads)}
     unpacked = {"fp32": bench._torch_forward(plain), "bf16": bench._torch_forward(copy.deepcopy(plain).bfloat16())}
     every = {"fp32": bench._torch_forward(prepack_linears(copy.deepcopy(plain)), first_token_only=False),
              "bf16": bench._torch_forward(prepack_linears(copy.deepcopy(plain).bfloat16()), first_token_only=False)}
@@ -79,12 +82,8 @@ def main() -> int:
             timed[f"{name} / {label}"] = lambda s=step, a=setting: (a(), s())
     for dtype in ("fp32", "bf16"):
         timed[f"{dtype} all positions / keep"] = lambda d=dtype: (keep(), every[d](inputs))
-    timed["int8 / keep"] = lambda: (keep(), forwards["int8"](inputs))
-    timed["int8 SkipLN fused / keep"] = lambda: (keep(), fused(**inputs))
-    at_20 = workdir / "opset-20"
-    spelled = OnnxEncoder(quantize_int8(export_onnx(copy.deepcopy(plain), at_20 / ONNX_FILE, opset=20),
-                                        at_20 / INT8_FILE), threads)
-    timed["int8 opset 20 / keep"] = lambda: (keep(), spelled(**inputs))
+    for name, encoder in int8.items():
+        timed[f"{name} / keep"] = lambda e=encoder: (keep(), e(**inputs))
     times = interleaved_step_times(timed, rounds=args.rounds, steps_per_round=1, warmup=1)
     ms = {name: median(t["wall"]) * 1e3 for name, t in times.items()}
     print(f"{args.model} {batch}x{seq}, {threads} threads, median ms of {args.rounds} interleaved rounds")

@@ -128,15 +128,22 @@ def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path,
             # weight on every call, most of a batch-1 call, and rule out the fused oneDNN linears).
             forwards[backend] = _torch_forward(prepack_linears(copy.deepcopy(ours).to(torch.bfloat16)))
         elif backend == "int8":
-            from .export import OnnxEncoder, export_onnx, quantize_int8
+            from .export import OnnxEncoder
 
-            onnx_dir = workdir / f"{model_dir.name}-onnx"
-            export_onnx(copy.deepcopy(ours), onnx_dir / "model.onnx")
-            encoder = OnnxEncoder(quantize_int8(onnx_dir / "model.onnx", onnx_dir / "model.int8.onnx"), threads)
+            encoder = OnnxEncoder(int8_export(ours, workdir / f"{model_dir.name}-onnx"), threads)
             forwards[backend] = lambda inputs, enc=encoder: torch.from_numpy(enc(**inputs)["logits"])
         else:
             raise ValueError(f"--backends: unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     return config, forwards
+
+
+def int8_export(model: nn.Module, out_dir: Path, opset: int | None = None) -> Path:
+    """A copy of ``model`` exported to ``out_dir`` (at ``opset``, default the exporter's) and quantised to int8;
+    returns the int8 file."""
+    from .export import INT8_FILE, ONNX_FILE, OPSET, export_onnx, quantize_int8
+
+    onnx_path = export_onnx(copy.deepcopy(model), out_dir / ONNX_FILE, opset=opset or OPSET)
+    return quantize_int8(onnx_path, out_dir / INT8_FILE)
 
 
 def check_outputs(config: EncoderConfig, forwards: dict[str, Forward], reference: str) -> dict[str, float]:
