@@ -175,10 +175,10 @@ def onnx_attention_op():
 
 
 class _AttentionOp(torch.autograd.Function):
-    """softmax(q k^T / sqrt(hs) + bias) v over (B, T, H) projections, traced as one ONNX ``Attention`` node. In ONNX
-    Runtime 1.32 on the 2-core AVX-512 CPU, one such node took 14-30% less time than the spelled-out graph (1 x 512,
-    32 x 128, 1 x 128, with the head split and merge; one-off timing of a single layer). ``bias``: (B, 1, Tq, Tk),
-    additive: ONNX Runtime requires the query axis written out."""
+    """softmax(q k^T / sqrt(hs) + bias) v over (B, T, H) projections, traced as one ONNX ``Attention`` node, which ONNX
+    Runtime runs in less time than the spelled-out graph with its head split and merge (exploratory timing of one
+    layer; whole-model figures in the README). ``bias``: (B, 1, Tq, Tk), additive: ONNX Runtime requires the query
+    axis written out."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_heads: int) -> Tensor:
