@@ -66,7 +66,15 @@ def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsy
                                                                                           target["shape"]))
         ratios = [a / b for a, b in zip(row["runs_ms"]["transformers"], row["runs_ms"][target["backend"]])]
         q1, q3 = target["round_speedup_quartiles"]
-        assert min(ratios) <= q1 <= q3 <= max(ratios)
+        assert min(ratios) * 0.98 <= q1 <= q3 <= max(ratios) * 1.02  # runs_ms are rounded, the quartiles not
+        assert row["paired_speedup"][target["backend"]] == pytest.approx(sorted(ratios)[len(ratios) // 2], rel=0.02)
+        if target["backend"] == "int8":
+            assert "needed_peak_fraction" not in target
+        else:  # the %peak that would make the speed-up equal the target
+            needed = target["needed_peak_fraction"]
+            fraction, speedup = row["peak_fraction"][target["backend"]], target["speedup"]
+            assert needed == pytest.approx(fraction * target["target"] / speedup)
+            assert (needed <= fraction) == target["met"]
 
 
 def test_inference_bench_refuses_a_wrong_model_and_bad_arguments(tmp_path, capsys):
