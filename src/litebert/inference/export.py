@@ -262,8 +262,8 @@ class OnnxEncoder:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ONNX Runtime's worker threads keep spinning after a run by default, taking a core from whatever runs next in
-        # the process (PyTorch, the tokenizer, another request): in a one-off timing, transformers DistilBERT at
-        # 1 x 128 took 114 ms right after an int8 run, 63 ms with this setting. Spinning within a run is kept.
+        # the process (PyTorch, the tokenizer, another request): in one-off timings, transformers right after an int8
+        # run was far slower than with this setting. Spinning within a run is kept.
         options.add_session_config_entry("session.force_spinning_stop", "1")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
