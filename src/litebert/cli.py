@@ -32,7 +32,37 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("litebert.inference.bench", "bench_main",
               "inference latency vs transformers (fp32, bf16, ONNX int8), side by side in one run"),
     "info": ("litebert.cli", "info_main", "print a model directory's or preset's configuration and size"),
+    "env": ("litebert.cli", "env_main", "print the hardware litebert sees and what it will do with it (for bug reports)"),
 }
+
+
+def env_main(argv: list[str]) -> int:
+    """``litebert env [--json]``: versions, the hardware probe, and the precision / fast paths litebert picks."""
+    import argparse
+    import json
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .runtime import hardware
+
+    parser = argparse.ArgumentParser(prog="litebert env", description=env_main.__doc__)
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    info = {"litebert": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), **hardware().report()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    decisions = info.pop("decisions")
+    width = max(map(len, [*info, *decisions]))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {'yes' if value is True else 'no' if value is False else value}")
+    print("\nwhat litebert will do:")
+    for key, value in decisions.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
 
 
 def info_main(argv: list[str]) -> int:
