@@ -79,15 +79,15 @@ def main() -> int:
                                                   "minutes": round((time.perf_counter() - t0) / 60, 1)}
     total = (time.perf_counter() - start) / 60
 
-    lat = {(r["batch_size"], r["bf16"]): r for r in report["latency"]}
-    key = (32, False) if (32, False) in lat else next(iter(lat))
+    lat = {(r["batch_size"], r["precision"]): r for r in report["latency"]}
+    key = (32, "fp32") if (32, "fp32") in lat else next(iter(lat))
     result = {
         "teacher_test_accuracy": report["scores"].get("teacher"),
         "student_test_accuracy": report["scores"]["student"],
         "retention_pct": report.get("retention_pct", {}).get("student"),
         "ablation_test_accuracy": next(iter(report.get("ablation", {}).values()), None),
         "speedup_b32_fp32": lat[key]["paired_speedup"]["student"],
-        "speedup_b32_bf16": lat.get((32, True), {}).get("paired_speedup", {}).get("student"),
+        "speedup_b32_bf16": lat.get((32, "bf16"), {}).get("paired_speedup", {}).get("student"),
         "stages": stages, "total_minutes": round(total, 1),
         # Wall time depends on what else runs on the machine; the CPU time this process used does much less (a
         # 2-core machine to itself runs it in about cpu_minutes / 2, less the spinning that contention adds).

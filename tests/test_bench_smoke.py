@@ -15,22 +15,34 @@ ROWS = ("litebert bf16", "transformers fp32", "transformers bf16", "litebert fp3
 ROW_KEYS = ("step_s_median", "cpu_s_median", "tokens_per_s", "peak_mem_mib", "useful_tflops", "frac_of_peak")
 
 
-def test_pretrain_throughput_quick_prints_all_figures():
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", ["native", "avx2"])
+def test_pretrain_throughput_quick_prints_all_figures(cpu):
+    """Every row this CPU class runs natively is timed (the bf16 ones are n/a where bf16 is emulated), and the
+    headline is litebert at the precision auto picks."""
+    import os
+
+    env = {**os.environ, "LITEBERT_CPU": cpu}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", "--rounds", "1", "--steps", "1"],
-                          capture_output=True, text=True, timeout=180, check=False)
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert any("tokens/s" in line for line in lines[:-1])  # the table comes before the JSON
     result = json.loads(lines[-1])
 
-    assert set(result["rows"]) == set(ROWS)
+    native = result["versions"]["native_bf16"]
+    assert not (cpu == "avx2" and native) and result["versions"]["simulated"] == (None if cpu == "native" else cpu)
+    dtypes = ("fp32", "bf16") if native else ("fp32",)
+    assert set(result["rows"]) == {r for r in ROWS if r.split()[1] in dtypes}
+    assert set(result["not_run"]) == set(ROWS) - set(result["rows"])
+    assert result["ours"] == ("litebert bf16" if native else "litebert fp32")
     for name, row in result["rows"].items():
         for key in ROW_KEYS:
             assert row[key] > 0, (name, key, row[key])
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         assert result["matmul_peak_tflops"][dtype] > 0
     assert result["speedup"] > 0 and result["memory_ratio"] > 0
-    assert set(result["fair"]) == {"bf16_speedup", "fp32_speedup", "bf16_memory_ratio", "fp32_memory_ratio"}
+    assert set(result["fair"]) == {f"{d}_{k}" for d in dtypes for k in ("speedup", "memory_ratio")}
     assert {"speedup_met", "memory_met"} <= set(result["targets"])
     # Same weights, same batch: the two libraries compute the same fp32 loss.
     losses = result["first_batch_loss_fp32"]
@@ -40,7 +52,9 @@ def test_pretrain_throughput_quick_prints_all_figures():
 
 
 # -- litebert bench (inference) ---------------------------------------------------------------------------------
-def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsys):
+def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsys, cpu_class):
+    """Every contender the CPU class runs natively is timed on the same weights; bf16 is n/a where it is emulated;
+    the targets are the class's; the CPU is named."""
     pytest.importorskip("onnxruntime")
     from litebert.cli import main
 
@@ -49,18 +63,25 @@ def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsy
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "transformers ms" in table and "int8 x" in table and "Targets met" in table
+    assert f"CPU: {cpu_class.cpu_model} ({cpu_class.cpu_capability}" in table
     result = json.loads(out.read_text())
+    timed = {"transformers", "fp32", "int8"} | ({"bf16"} if cpu_class.cpu_bf16 else set())
+    assert set(result["backends"]) == timed and set(result["skipped"]) == {"bf16"} - timed
+    assert ("bf16: n/a (bf16 is emulated" in table) == (not cpu_class.cpu_bf16)
     assert [(r["model"], r["batch"], r["seq"]) for r in result["rows"]] == [
         ("albert-test", 2, 16), ("albert-test", 1, 32), ("distilbert-test", 2, 16), ("distilbert-test", 1, 32)]
     for row in result["rows"]:
-        assert set(row["ms"]) == {"transformers", "fp32", "bf16", "int8"} and min(row["ms"].values()) > 0
+        assert set(row["ms"]) == timed and min(row["ms"].values()) > 0
         assert len(row["runs_ms"]["fp32"]) >= 3 and row["speedup"]["transformers"] == 1.0
         assert row["max_logit_diff"]["fp32"] < 1e-4  # same weights, same inputs: the same model
         assert 0 < row["peak_fraction"]["fp32"]
-    # The ALBERT batch-1 fp32 target is the stricter 1.3x; batch 2 is judged by the batch > 1 target.
     fp32 = {(t["model"], t["shape"]): t["target"] for t in result["targets"] if t["backend"] == "fp32"}
-    assert fp32[("albert-test", "1x32")] == 1.3 and fp32[("distilbert-test", "1x32")] == 1.2
-    assert fp32[("albert-test", "2x16")] == 1.1
+    if cpu_class.cpu_bf16:  # the ALBERT batch-1 fp32 target is the stricter 1.3x; batch 2 is judged by batch > 1's
+        assert result["cpu_class"] == "native bf16"
+        assert fp32[("albert-test", "1x32")] == 1.3 and fp32[("distilbert-test", "1x32")] == 1.2
+        assert fp32[("albert-test", "2x16")] == 1.1
+    else:  # fp32 must match transformers everywhere
+        assert result["cpu_class"] == "no native bf16" and set(fp32.values()) == {1.0} and len(fp32) == 4
     for target in result["targets"]:  # the spread of the per-round ratios, from the same rounds
         row = next(r for r in result["rows"] if (r["model"], f"{r['batch']}x{r['seq']}") == (target["model"],
                                                                                           target["shape"]))
@@ -75,6 +96,20 @@ def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsy
             fraction, speedup = row["peak_fraction"][target["backend"]], target["speedup"]
             assert needed == pytest.approx(fraction * target["target"] / speedup)
             assert (needed <= fraction) == target["met"]
+
+
+def test_inference_bench_runs_an_explicitly_named_emulated_bf16(tmp_path, capsys):
+    """Named in --backends, bf16 is timed even where it is emulated (with a warning), and nothing crashes."""
+    from litebert import runtime
+    from litebert.cli import main
+
+    out = tmp_path / "r.json"
+    with runtime.simulate("avx2"):
+        assert main(["bench", "--models", "distilbert-test", "--shapes", "1x16", "--rounds", "3",
+                     "--backends", "fp32,bf16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["backends"] == ["fp32", "bf16"] and result["skipped"] == {}
+    assert result["rows"][0]["max_logit_diff"]["bf16"] < 0.25
 
 
 def test_inference_bench_refuses_a_wrong_model_and_bad_arguments(tmp_path, capsys):

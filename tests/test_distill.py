@@ -37,7 +37,7 @@ NEG = ["bad", "awful", "poor", "dull", "weak", "boring"]
 NEUTRAL = ["the", "movie", "film", "plot", "actor", "was", "is", "and", "a", "story", "scenes", "music", "its",
            "with", "very", "quite", "cast", "ending"]
 LABELS = {0: "neg", 1: "pos"}
-QUIET = ["--train.progress", "false", "--train.tensorboard", "false", "--train.bf16", "false"]
+QUIET = ["--train.progress", "false", "--train.tensorboard", "false", "--train.precision", "fp32"]
 
 
 @pytest.fixture(autouse=True)
@@ -330,7 +330,7 @@ def test_cli_task_distillation_with_hidden_losses_writes_the_report(data, teache
            "distilbert-base", "--out", str(out), "--data.train", str(root / "reviews.csv"), "--data.max_seq_length",
            "32", "--student.num_hidden_layers", "2", "--train.max_steps", "6", "--train.batch_size", "16",
            "--loss.cos", "1", "--loss.hidden_mse", "1", "--loss.attn_mse", "0.5", "--report.batch_sizes", "[1,4]",
-           "--report.seq_len", "16", "--report.repeats", "2", "--report.bf16", "[false]", "--report.ablation", "true",
+           "--report.seq_len", "16", "--report.repeats", "2", "--report.precision", "[fp32]", "--report.ablation", "true",
            "--train.num_threads", "1", *QUIET]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -339,7 +339,7 @@ def test_cli_task_distillation_with_hidden_losses_writes_the_report(data, teache
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert report["models"]["teacher"]["parameters"]["total"] > report["models"]["student"]["parameters"]["total"]
-    assert {(r["batch_size"], r["bf16"]) for r in report["latency"]} == {(1, False), (4, False)}
+    assert {(r["batch_size"], r["precision"]) for r in report["latency"]} == {(1, "fp32"), (4, "fp32")}
     assert set(report["scores"]) == {"teacher", "student"} and "student" in report["retention_pct"]
     assert list(report["ablation"]) == ["hard labels only (no distillation)"]
     pair = report["ablation_paired"]
@@ -356,7 +356,7 @@ def test_tiny_general_distillation_lowers_its_loss(data, teachers, tmp_path):
         "--student.num_hidden_layers", "2", "--train.batch_size", "8", "--train.max_steps", "30",
         "--train.log_every", "1", "--train.eval_every", "1000", "--train.save_every", "1000", "--train.lr", "0.003",
         "--train.warmup_ratio", "0", "--loss.cos", "1", "--report.repeats", "1", "--report.batch_sizes", "[2]",
-        "--report.seq_len", "16", "--report.bf16", "[false]", "--data.cache_dir", str(tmp_path / "cache"),
+        "--report.seq_len", "16", "--report.precision", "[fp32]", "--data.cache_dir", str(tmp_path / "cache"),
         "--train.num_threads", "1", *QUIET])
     recipe["teacher"]["path"] = str(teachers["mlm"])
     summary = run_distillation(recipe, out)

@@ -23,9 +23,9 @@ BAD = ["bad", "awful", "poor", "dull", "boring", "terrible"]
 FILLER = ["the", "film", "movie", "was", "plot", "acting", "very", "quite", "story", "and", "a", "it"]
 ENTITIES = {"PER": ["alice", "bob", "carol"], "LOC": ["paris", "london", "tokyo"]}
 
-# Few steps, no bf16 (exact comparisons), evaluate every 2 steps, no progress bar / tensorboard.
+# Few steps, fp32 (exact comparisons), evaluate every 2 steps, no progress bar / tensorboard.
 FAST = ["--train.max_steps", "6", "--train.batch_size", "8", "--train.eval_every", "2", "--train.log_every", "1",
-        "--train.bf16", "false", "--train.progress", "false", "--train.tensorboard", "false", "--train.lr", "1e-3",
+        "--train.precision", "fp32", "--train.progress", "false", "--train.tensorboard", "false", "--train.lr", "1e-3",
         "--data.max_seq_length", "32"]
 
 
@@ -72,7 +72,7 @@ def _run(model_dir: Path, out: Path, task: str, train: Path, *flags: str, valida
 
 def _evaluate(capsys, *argv: str) -> dict:
     capsys.readouterr()
-    assert evaluate_main([*argv, "--no-bf16"]) == 0
+    assert evaluate_main([*argv, "--precision", "fp32"]) == 0
     return json.loads(capsys.readouterr().out)
 
 

@@ -2,6 +2,7 @@
 models (with forced predictions where the answer must be deterministic) for the task heads."""
 
 import json
+import logging
 import random
 
 import pytest
@@ -186,13 +187,26 @@ def test_regression_head_returns_a_score(tokenizer):
     assert [set(o) for o in out] == [{"score"}, {"score"}]
 
 
-def test_bf16_agrees_with_fp32_in_argmax(cls_dir, tokenizer):
+def test_bf16_agrees_with_fp32_in_argmax(cls_dir, tokenizer, cpu_class, caplog):
+    """An explicit bf16 runs on every CPU class (warned where it is emulated), leaves the caller's model in fp32,
+    and agrees with fp32 in argmax."""
     model = litebert.from_pretrained(str(cls_dir))
-    fp32 = pipeline("text-classification", model=model, tokenizer=tokenizer)(TEXTS, top_k="all")
-    bf16 = pipeline("text-classification", model=model, tokenizer=tokenizer, bf16=True)(TEXTS, top_k="all")
+    fp32 = pipeline("text-classification", model=model, tokenizer=tokenizer, precision="fp32")(TEXTS, top_k="all")
+    with caplog.at_level(logging.WARNING, logger="litebert.runtime"):
+        pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, precision="bf16")
+    assert ("emulated" in caplog.text) == (not cpu_class.cpu_bf16)
+    bf16 = pipe(TEXTS, top_k="all")
+    assert pipe.precision == "bf16" and next(pipe.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is not cast
     margins = [abs(r[0]["score"] - r[1]["score"]) for r in fp32]
     assert min(margins) > 0.05, margins
     assert [r[0]["label"] for r in bf16] == [r[0]["label"] for r in fp32]
+
+
+def test_auto_precision_follows_the_hardware(cls_dir, tokenizer, cpu_class):
+    pipe = pipeline("text-classification", model=str(cls_dir), tokenizer=tokenizer)
+    assert pipe.precision == ("bf16" if cpu_class.cpu_bf16 else "fp32")
+    assert pipe(TEXTS[:2]) and pipeline("text-classification", model=str(cls_dir), bf16=False).precision == "fp32"
 
 
 # ---------------------------------------------------------------------------------------- token classification

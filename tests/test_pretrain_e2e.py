@@ -19,7 +19,7 @@ from litebert.training.pretrain import default_recipe, run_pretraining
 TINY = ["--model.hidden_size", "32", "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2",
         "--model.intermediate_size", "64", "--model.embedding_size", "16", "--tokenizer.vocab_size", "600",
         "--data.max_seq_length", "64", "--train.batch_size", "4", "--train.log_every", "1",
-        "--train.eval_every", "4", "--train.save_every", "4", "--train.progress", "false", "--train.bf16", "false",
+        "--train.eval_every", "4", "--train.save_every", "4", "--train.progress", "false", "--train.precision", "fp32",
         "--data.eval_batches", "2", "--train.tensorboard", "false"]
 
 

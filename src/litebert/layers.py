@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .runtime import hardware
 
 
 def activation(name: str):
@@ -33,43 +34,38 @@ def activation(name: str):
 # hidden_act -> (oneDNN post-op, its algorithm) for the fused inference path below.
 _ONEDNN_POSTOP = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
                   "relu": ("relu", ""), "silu": ("swish", "")}
-# LITEBERT_FUSED_LINEAR=0 turns the fused path off (to compare, or where a oneDNN build misbehaves).
-_HAS_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                      and os.environ.get("LITEBERT_FUSED_LINEAR", "1") != "0")
 
 
 def _onednn_linear_applies(x: Tensor, weight: Tensor) -> bool:
-    return (_HAS_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == weight.dtype
+            and hardware().fused_linear(x.dtype) and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 # Linears opted in by `prepack_linears` -> (key of the weight they were packed from, the packed weight) or None.
 _PACKED: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int, torch.dtype], Tensor] | None] = (
     weakref.WeakKeyDictionary())
-# bf16 rows (batch x tokens) up to which the packed weight pays: per linear on the 2-core AMX machine, 20-25% faster
-# at 128 rows, but slower than oneDNN's own per-call reorder at 512 and 4096 rows. Whole BERT-base
-# (`bench/inference_switches.py`): bf16 15% faster at 1 x 128; fp32 7-10% faster at 32 x 128, within noise at 1 x 128.
+# bf16 rows (batch x tokens) up to which the packed weight pays; past it oneDNN's own per-call reorder is faster
+# (`bench/inference_switches.py` times packing on and off).
 _BF16_PACKED_MAX_ROWS = 256
-_CAN_PACK = _HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def prepack_linears(model: nn.Module) -> nn.Module:
     """Opt ``model``'s encoder linears into pre-packed weights for CPU inference: each weight is reordered once into
     oneDNN's blocked layout (a second copy of the encoder weights) instead of on every call. The packed copy is
     made lazily and remade whenever the weight changes (an optimizer step, ``load_state_dict``, ``.to(dtype)``), so
-    the model stays trainable and saveable; the packs live outside the module (nothing in its state dict)."""
-    if _CAN_PACK:
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module not in _PACKED:
-                _PACKED[module] = None
+    the model stays trainable and saveable; the packs live outside the module (nothing in its state dict). Where the
+    hardware probe says packing does not apply to a weight's dtype, that linear runs unpacked."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module not in _PACKED:
+            _PACKED[module] = None
     return model
 
 
 def _packed_weight(layer: nn.Linear, rows: int) -> Tensor:
     weight = layer.weight
-    if layer not in _PACKED or (weight.dtype == torch.bfloat16 and rows > _BF16_PACKED_MAX_ROWS):
+    if (layer not in _PACKED or not hardware().prepack(weight.dtype)
+            or (weight.dtype == torch.bfloat16 and rows > _BF16_PACKED_MAX_ROWS)):
         return weight
     # Inference tensors (a model built under inference_mode) keep no version counter; they can only change in place
     # under inference_mode, so a pack made from one is kept until the tensor is replaced.
@@ -82,11 +78,11 @@ def _packed_weight(layer: nn.Linear, rows: int) -> Tensor:
 
 
 def linear(x: Tensor, layer: nn.Linear, act: str | None = None) -> Tensor:
-    """``act(layer(x))``. At inference on CPU (no autograd, weights and input of one dtype, fp32 or bf16) this is
-    one oneDNN matmul with the bias and the activation fused into it (the op PyTorch's own compiler emits for CPU
-    linears): measured on the 2-core AVX-512 machine at (4096, 768) x (768, 3072), 215 ms against 266 ms for
-    ``F.linear`` + ``F.gelu`` in fp32 and 97 against 128 ms in bf16. Training, autocast, tracing for export and
-    other devices take the plain path; both agree to rounding (``tests/test_models.py``)."""
+    """``act(layer(x))``. At inference on CPU (no autograd, weights and input of one dtype that the hardware probe
+    says oneDNN runs natively) this is one oneDNN matmul with the bias and the activation fused into it (the op
+    PyTorch's own compiler emits for CPU linears; `bench/inference_switches.py` times it). Training, autocast,
+    tracing for export, other devices and dtypes without native support take the plain path; both agree to
+    rounding (``tests/test_models.py``)."""
     if _onednn_linear_applies(x, layer.weight):
         postop, algorithm = _ONEDNN_POSTOP[act] if act else ("none", "")
         weight = _packed_weight(layer, x.numel() // x.shape[-1])
@@ -198,19 +194,18 @@ _EXPLICIT_ATTENTION_MAX_T = 384
 
 def _explicit_attention_is_faster(q: Tensor) -> bool:
     """Whether to train with matmul + softmax instead of SDPA's CPU flash kernel, whose reduced-precision backward
-    is slow on short sequences. Measured with torch 2.13 on the 2-core AVX-512-bf16 CPU, (B, nh, hs) = (32, 4, 64),
-    forward + backward per layer: 31 ms flash vs 12 ms explicit at T=128, 28 vs 18 ms at T=384, equal at T=512
-    (where the (B, nh, T, T) probabilities the explicit path keeps for backward also start to cost memory).
-    In fp32, and without autograd, the two are equal or SDPA wins, so it stays."""
+    is slow on short sequences where bf16 is native (`bench/pretrain_throughput.py` times both). The explicit path
+    keeps the (B, nh, T, T) probabilities for backward, which starts to cost memory past a few hundred tokens. In
+    fp32, without autograd, or where bf16 is emulated, SDPA stays."""
     return (q.requires_grad and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-2] <= _EXPLICIT_ATTENTION_MAX_T)
+            and q.shape[-2] <= _EXPLICIT_ATTENTION_MAX_T and hardware().cpu_bf16)
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection, output projection, residual and LayerNorm.
 
     ``impl="sdpa"`` uses ``F.scaled_dot_product_attention`` with a key-padding mask, except when training in
-    bf16/fp16 on CPU at T <= 384, where the explicit softmax is 1.5-2.5x faster (see
+    native bf16/fp16 on CPU at short lengths, where the explicit softmax is faster (see
     ``_explicit_attention_is_faster``); ``"eager"`` is always the explicit softmax and is used when attention
     probabilities are requested.
     """

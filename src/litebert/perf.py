@@ -24,19 +24,21 @@ from pathlib import Path
 
 import torch
 
+from .runtime import hardware
+
 MiB = 1 << 20
 
 
 # -- matmul peak ---------------------------------------------------------------------------------------------------
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """Best-of-``reps`` throughput of an (n, n) @ (n, n) matmul, in TFLOP/s: what the machine can do on a GEMM at
-    the current thread count, taking the faster of ``torch.matmul`` and, where the build has it, the oneDNN matmul
-    that litebert's inference linears use. The best run, not the median, because load from elsewhere only ever
+    the current thread count, taking the faster of ``torch.matmul`` and, where the hardware probe says it applies,
+    the oneDNN matmul that litebert's inference linears use. The best run, not the median, because load from elsewhere only ever
     slows it down."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     kernels = [lambda: a @ b]
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if hardware().fused_linear(dtype):
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
     for kernel in kernels:

@@ -3,7 +3,8 @@
 A recipe is a dict of sections (``model``, ``data``, ``train``, ...). Every key of the YAML file and of the flags
 must exist in the defaults; an unknown key is an error that names it and the closest valid key. Flags address a
 key as ``--section.key value`` or, when the name is unique across sections, as ``--key value``. Values are parsed
-as YAML scalars, so ``--train.lr 3e-4``, ``--data.files [a.txt,b.txt]`` and ``--train.bf16 false`` work.
+as YAML scalars, so ``--train.lr 3e-4``, ``--data.files [a.txt,b.txt]`` and ``--train.precision fp32`` work.
+Keys that older recipes used (``bf16: true``) are read under their new name (:data:`RENAMED`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ def _check_type(default: Any, value: Any, where: str, dotted: str) -> Any:
     return value
 
 
+def _bf16_to_precision(value: Any, where: str, dotted: str) -> Any:
+    """The old ``bf16`` flag: true meant "the fast precision" (bf16 was only recommended where it is native), so it
+    reads as ``auto``; false as ``fp32``. Lists (a report's ``bf16: [false, true]``) translate element-wise."""
+    if isinstance(value, list):
+        return [_bf16_to_precision(v, where, dotted) for v in value]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{dotted}' must be true or false, got {value!r} (it is read as "
+                          f"'precision'; write 'precision: auto | fp32 | bf16' instead)")
+    return "auto" if value else "fp32"
+
+
+# old key -> (its new name in the same section, how an old value translates). Old recipes keep working.
+RENAMED = {"bf16": ("precision", _bf16_to_precision)}
+
+
+def _rename(key: str, value: Any, where: str, dotted: str) -> tuple[str, Any]:
+    if key in RENAMED:
+        new, translate = RENAMED[key]
+        return new, translate(value, where, dotted)
+    return key, value
+
+
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
@@ -64,6 +87,8 @@ def _suggest(key: str, valid: list[str]) -> str:
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str, path: str = "") -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():
+        if key not in out:
+            key, value = _rename(key, value, where, f"{path}{key}")
         dotted = f"{path}{key}"
         if key not in out and path.rstrip(".") not in FREE_SECTIONS:
             raise ConfigError(f"{where}: unknown key '{dotted}'" + _suggest(dotted, _all_keys(base, path)))
@@ -119,6 +144,11 @@ def parse_flags(flags: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
         else:
             raw = "true"
             i += 1
+        *_, leaf = key.rsplit(".", 1)
+        value = parse_scalar(raw)
+        if leaf in RENAMED and leaf not in leaves:
+            new, value = _rename(leaf, value, "command line", f"--{key}")
+            key = key[: -len(leaf)] + new
         if "." not in key:
             matches = leaves.get(key, [])
             if len(matches) > 1:
@@ -130,7 +160,7 @@ def parse_flags(flags: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             section = section.setdefault(p, {})
-        section[leaf] = parse_scalar(raw)
+        section[leaf] = value
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .perf import interleaved_step_times
+from .runtime import hardware, resolve_precision
 
 __all__ = ["compression_report", "count_parameters", "disk_size", "mcnemar", "measure_latency", "render_markdown",
            "write_report"]
@@ -52,8 +52,9 @@ def disk_size(model_dir: str | Path | None) -> int | None:
 
 @torch.inference_mode()
 def measure_latency(models: Mapping[str, nn.Module], batch_size: int, seq_len: int, vocab_size: int,
-                    repeats: int = 10, warmup: int = 2, bf16: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Interleaved forward timings (ms) of each model on one (batch_size, seq_len) input.
+                    repeats: int = 10, warmup: int = 2, precision: str = "fp32", seed: int = 0) -> dict[str, Any]:
+    """Interleaved forward timings (ms) of each model on one (batch_size, seq_len) input, under bf16 autocast when
+    ``precision`` is ``"bf16"``.
 
     Returns ``{"ms": {name: median}, "best_ms": {name: fastest run}, "runs": {name: [ms, ...]},
     "paired_speedup": {name: median ratio of the first model's time to this one's}}``."""
@@ -67,7 +68,7 @@ def measure_latency(models: Mapping[str, nn.Module], batch_size: int, seq_len: i
 
     def step(model: nn.Module) -> Callable[[], object]:
         def run() -> object:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 return model(ids, mask, types)
 
         return run
@@ -100,15 +101,9 @@ def mcnemar(a_right: Sequence[bool], b_right: Sequence[bool]) -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
+    hw = hardware()
+    return {"cpu": hw.cpu_model, "cpu_capability": hw.cpu_capability, "native_bf16": hw.cpu_bf16,
+            "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
             "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
@@ -121,14 +116,16 @@ def compression_report(
     batch_sizes: Sequence[int] = (1, 32),
     seq_len: int = 128,
     repeats: int = 10,
-    bf16: Sequence[bool] | bool = (False, True),
+    precisions: Sequence[str] | str = ("fp32", "auto"),
     vocab_size: int | None = None,
     details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure ``models`` (``{"teacher": ..., "student": ...}``, the teacher first) and collect the figures.
 
     ``scores`` are task scores (fractions) on a held-out split; retention = student / teacher. ``ablation`` adds
-    rows of other students' scores (e.g. the same student trained without distillation)."""
+    rows of other students' scores (e.g. the same student trained without distillation). Latency is measured in each
+    of ``precisions`` as :func:`~litebert.runtime.resolve_precision` resolves it on the CPU (``auto`` is bf16 only
+    where it is native), each once."""
     names = list(models)
     teacher_name = names[0]
     vocab_size = vocab_size or min(m.config.vocab_size for m in models.values())
@@ -137,11 +134,12 @@ def compression_report(
     for name, m in models.items():
         report["models"][name] = {"parameters": count_parameters(m), "disk_bytes": disk_size(model_dirs.get(name))}
     latency = []
-    for use_bf16 in ([bf16] if isinstance(bf16, bool) else list(bf16)):
+    resolved = [resolve_precision(p, "cpu") for p in ([precisions] if isinstance(precisions, str) else precisions)]
+    for precision in dict.fromkeys(resolved):
         for b in batch_sizes:
             warmup = 5 if b == 1 else 2
-            res = measure_latency(models, b, seq_len, vocab_size, repeats=repeats, warmup=warmup, bf16=use_bf16)
-            latency.append({"batch_size": b, "seq_len": seq_len, "bf16": use_bf16, **res})
+            res = measure_latency(models, b, seq_len, vocab_size, repeats=repeats, warmup=warmup, precision=precision)
+            latency.append({"batch_size": b, "seq_len": seq_len, "precision": precision, **res})
     report["latency"] = latency
     if hasattr(os, "getloadavg"):  # other jobs on the machine: the paired ratios hold up, absolute times do not
         report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
@@ -200,7 +198,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"{n}: {ratio}."]
 
     lines += ["", "## CPU latency (ms per forward, median of interleaved runs)", "",
-              "| batch x seq | bf16 | " + " | ".join(names) + " | speed-up (paired median) | speed-up (ratio of medians) "
+              "| batch x seq | precision | " + " | ".join(names) + " | speed-up (paired median) | speed-up (ratio of medians) "
               "| speed-up (best runs) |",
               "|---|---|" + "---:|" * len(names) + "---:|---:|---:|"]
     for row in report["latency"]:
@@ -210,7 +208,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         medians = ", ".join(f"{ms[t] / ms[n]:.2f}x" for n in names[1:])
         best = row.get("best_ms")
         bests = ", ".join(f"{best[t] / best[n]:.2f}x" for n in names[1:]) if best else "—"
-        lines.append(f"| {row['batch_size']} x {row['seq_len']} | {'on' if row['bf16'] else 'off'} | {cells} | "
+        lines.append(f"| {row['batch_size']} x {row['seq_len']} | {row['precision']} | {cells} | "
                      f"{paired} | {medians} | {bests} |")
 
     if report.get("scores"):

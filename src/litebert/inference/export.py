@@ -13,8 +13,9 @@ nothing is padded (`litebert.layers.key_padding_mask`), a data-dependent Python 
 Tracing a padded batch records the masked path, which is exact for unpadded inputs too (an all-ones mask masks
 nothing); the check batches prove it.
 
-int8 is dynamic quantisation (`onnxruntime.quantization.quantize_dynamic`): int8 weights, per output channel, for
-every matrix product with a constant weight: the projections and feed-forward of every layer pass (ALBERT's shared
+int8 is dynamic quantisation (`onnxruntime.quantization.quantize_dynamic`): 8-bit weights, per output channel, in
+one of `INT8_FORMATS` (``--int8-format``; the default is one that cannot saturate on any x86 CPU), for every matrix
+product with a constant weight: the projections and feed-forward of every layer pass (ALBERT's shared
 weights included, see `_bypass_initializer_identities`) and the head's projections; activations are quantised per
 call. The embedding tables, attention score products and LayerNorms stay fp32.
 """
@@ -42,11 +43,12 @@ from ..config import EncoderConfig, load_config
 from ..heads import EncoderForMaskedLM, EncoderForPreTraining, EncoderHead, HeadOutput, from_pretrained
 from ..layers import onnx_attention_op
 from ..perf import interleaved_step_times
+from ..runtime import hardware
 from ..tokenizer import load_tokenizer
 from .pipeline import PIPELINES, Pipeline, _resolve_task, task_for_model
 
 __all__ = [
-    "DISABLED_ORT_OPTIMIZERS", "INT8_FILE", "ONNX_FILE", "REPORT_FILE", "TASK_OUTPUTS", "OnnxEncoder", "OnnxTaskModel",
+    "DEFAULT_INT8_FORMAT", "DISABLED_ORT_OPTIMIZERS", "INT8_FILE", "INT8_FORMATS", "ONNX_FILE", "REPORT_FILE", "TASK_OUTPUTS", "OnnxEncoder", "OnnxTaskModel",
     "check_cases", "check_inputs", "check_onnx", "export_main", "export_onnx", "onnx_pipeline", "quantize_int8",
     "within_tolerance",
 ]
@@ -56,6 +58,17 @@ logger = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export_report.json"
+# int8 weight formats (ONNX Runtime dynamic quantisation; activations are u8 in all three). `bench/int8_formats.py`
+# measures their accuracy and speed on a trained model. "s8" pairs u8 activations with s8 weights: on CPUs without
+# VNNI/AMX, ONNX Runtime's u8s8 kernels add two u8 x s8 products in 16 bits (vpmaddubsw), which saturates, so its
+# results there can be far off. "s8-7bit" keeps the weights in [-64, 63], so the pair sum fits; "u8" uses the u8u8
+# kernels, which widen first. An exported file runs wherever it is copied, so the default must be safe everywhere.
+INT8_FORMATS: dict[str, dict[str, Any]] = {
+    "s8": {"weight_type": "QInt8", "reduce_range": False},
+    "s8-7bit": {"weight_type": "QInt8", "reduce_range": True},
+    "u8": {"weight_type": "QUInt8", "reduce_range": False},
+}
+DEFAULT_INT8_FORMAT = "s8-7bit"
 # 23: the first opset with an Attention op: each attention is one node (`litebert.layers.onnx_attention_op`), which
 # ONNX Runtime runs faster than the spelled-out matmul-softmax-matmul graph. 20 gave a Gelu op (ALBERT's tanh GELU was
 # ten unfused elementwise ops at 17). Runtimes need opset-23 support (ONNX Runtime >= 1.23); --opset 17 to 22 still
@@ -218,16 +231,22 @@ def _bypass_initializer_identities(graph: Any) -> int:
     return len(alias)
 
 
-def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) -> Path:
-    """Dynamic int8 quantisation of ``src`` into ``dst`` (see the module docstring for what is quantised)."""
+def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True,
+                  int8_format: str = DEFAULT_INT8_FORMAT) -> Path:
+    """Dynamic int8 quantisation of ``src`` into ``dst`` in ``int8_format`` (one of `INT8_FORMATS`; see the module
+    docstring for what is quantised)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if int8_format not in INT8_FORMATS:
+        raise ValueError(f"int8 format must be one of {', '.join(INT8_FORMATS)}, got {int8_format!r}")
+    settings = INT8_FORMATS[int8_format]
 
     root = logging.getLogger()  # the quantiser logs on the root logger
     quiet = _QuietQuantizer()
     root.addFilter(quiet)
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=["MatMul"])
+        quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, settings["weight_type"]),
+                         per_channel=per_channel, reduce_range=settings["reduce_range"], op_types_to_quantize=["MatMul"])
     finally:
         root.removeFilter(quiet)
     return Path(dst)
@@ -336,7 +355,8 @@ def onnx_pipeline(model_dir: str | Path, task: str | None = None, onnx_file: str
     if task != exported:
         raise ValueError(f"{path} was exported for {exported}, not {task}; export again with --task {task}")
     model = OnnxTaskModel(encoder, load_config(model_dir))
-    kwargs.pop("bf16", None)  # the graph is fp32 or int8; autocast means nothing to it
+    kwargs.pop("bf16", None)
+    kwargs["precision"] = "fp32"  # the graph's precision is its own (fp32 or int8): nothing to cast or autocast
     return _onnx_pipeline_class(task)(model, load_tokenizer(model_dir), **kwargs)
 
 
@@ -493,6 +513,9 @@ def export_main(argv: list[str]) -> int:
                         help="outputs to export; default: the task the model was trained for")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="also write model.int8.onnx (dynamic quantisation, int8 weights)")
+    parser.add_argument("--int8-format", choices=list(INT8_FORMATS), default=DEFAULT_INT8_FORMAT,
+                        help="int8 weight format (default: %(default)s, which cannot saturate on any x86 CPU; s8 is "
+                             "for CPUs with VNNI/AMX only)")
     parser.add_argument("--no-per-channel", action="store_true", help="int8: one scale per weight, not per column")
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--atol", type=float, default=1e-4,
@@ -544,8 +567,15 @@ def export_main(argv: list[str]) -> int:
     cases = check_cases(model.config, mask_id)
     files = {ONNX_FILE: onnx_path}
     if args.quantize == "int8":
-        files[INT8_FILE] = quantize_int8(onnx_path, out / INT8_FILE, per_channel=not args.no_per_channel)
+        files[INT8_FILE] = quantize_int8(onnx_path, out / INT8_FILE, per_channel=not args.no_per_channel,
+                                         int8_format=args.int8_format)
+        if args.int8_format == "s8" and not hardware().vnni:
+            logger.warning("--int8-format s8 on a CPU without VNNI: ONNX Runtime's u8s8 kernels can saturate here")
+    hw = hardware()
     report: dict[str, Any] = {"model": str(model_dir), "task": task, "model_type": model.config.model_type,
+                              "validated_on": {"cpu": hw.cpu_model, "cpu_capability": hw.cpu_capability,
+                                               "vnni": hw.vnni, "amx": hw.amx, "simulated": hw.simulated},
+                              **({"int8_format": args.int8_format} if args.quantize == "int8" else {}),
                               "opset": args.opset, "inputs": list(_input_names(model.config)),
                               "outputs": list(TASK_OUTPUTS[task]), "export_seconds": round(export_s, 2),
                               "tolerance": {"atol": args.atol, "rtol": args.rtol}, "files": {}}

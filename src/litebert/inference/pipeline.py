@@ -7,13 +7,15 @@
 Five tasks, the ones ``transformers`` users know: text-classification, token-classification (entities with
 character offsets), question-answering (doc-stride windows over long contexts), fill-mask and feature-extraction
 (pooled, normalised sentence embeddings). Every pipeline tokenizes without padding, runs the model in
-length-bucketed batches (`batching.run_batched`) under ``torch.inference_mode()``, optionally in bf16,
-and returns results in input order: one input in, one result out; a list in, a list out.
+length-bucketed batches (`batching.run_batched`) under ``torch.inference_mode()``, in the precision the
+hardware runs best (``precision="auto"``: bf16 where it is native, else fp32), and returns results in input order:
+one input in, one result out; a list in, a list out.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 import logging
@@ -43,6 +45,7 @@ from ..heads import (
     model_class_for,
 )
 from ..layers import prepack_linears
+from ..runtime import PRECISIONS, precision_dtype, resolve_precision
 from ..tokenizer import load_tokenizer
 from .batching import run_batched
 from .memory import keep_freed_memory
@@ -107,23 +110,27 @@ class Pipeline:
     default_max_length: ClassVar[int] = 512
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: str | torch.device = "cpu", batch_size: int = 32,
-                 bf16: bool = False, max_length: int | None = None, max_tokens: int | None = None,
-                 pad_to_multiple_of: int | None = None, **options: Any) -> None:
+                 precision: str = "auto", max_length: int | None = None, max_tokens: int | None = None,
+                 pad_to_multiple_of: int | None = None, bf16: bool | None = None, **options: Any) -> None:
         if self.model_classes and not isinstance(model, self.model_classes):
             raise ValueError(self._wrong_model_message(model))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
+        if bf16 is not None:  # the older switch: True asked for the fast precision
+            precision = "auto" if bf16 else "fp32"
+        self.precision = resolve_precision(precision, self.device)
+        dtype = precision_dtype(self.precision)
+        param = next(model.parameters(), None)  # None: an exported graph, whose precision is its own
+        if param is not None and param.dtype != dtype:  # cast once (no per-call casts); a copy, the caller's stays
+            model = copy.deepcopy(model).to(dtype)
         self.model = model.to(self.device).eval()
-        if bf16:  # once, in place like the device move: no per-call casts, and the fused oneDNN path on CPU
-            self.model.to(torch.bfloat16)
         if self.device.type == "cpu":  # encoder weights reordered once for oneDNN; activation buffers reused
             prepack_linears(self.model)
             keep_freed_memory()
         self.config = model.config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.bf16 = bf16
         self.max_tokens = max_tokens
         self.pad_to_multiple_of = pad_to_multiple_of
         positions = self.config.max_position_embeddings
@@ -161,6 +168,19 @@ class Pipeline:
         """ValueError (without a location: callers add input index or file:line) when ``item`` is unusable."""
         _text_of(item)
 
+    def example(self) -> Any:
+        """A small valid input, for `warm_up`."""
+        return "litebert warm-up"
+
+    def warm_up(self) -> None:
+        """One forward pass on `example`, so a model that cannot run here (a precision or kernel this machine lacks)
+        fails now, with a RuntimeError that says so, rather than on the first request."""
+        try:
+            self(self.example())
+        except Exception as err:
+            raise RuntimeError(f"{self.task} pipeline ({self.precision} on {self.device}) cannot run on this machine: "
+                               f"{type(err).__name__}: {err}") from err
+
     def _predict(self, items: list[Any], opts: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
@@ -193,7 +213,7 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={type(self.model).__name__}, device={self.device}, "
-                f"batch_size={self.batch_size}, bf16={self.bf16}, max_length={self.max_length})")
+                f"batch_size={self.batch_size}, precision={self.precision}, max_length={self.max_length})")
 
 
 # ------------------------------------------------------------------------------------------- text classification
@@ -323,6 +343,9 @@ class QuestionAnsweringPipeline(Pipeline):
     model_classes = (EncoderForQuestionAnswering,)
     options: ClassVar[dict[str, Any]] = {"doc_stride": None, "max_question_length": None, "max_answer_length": 30,
                "handle_impossible_answer": False, "n_best": 20}
+
+    def example(self) -> Any:
+        return {"question": "what warms up?", "context": "litebert warms up"}
     default_max_length = 384
 
     def __call__(self, inputs: Any = None, **options: Any) -> Any:
@@ -388,6 +411,9 @@ class FillMaskPipeline(Pipeline):
         return (f"fill-mask needs a masked-LM head (EncoderForMaskedLM or EncoderForPreTraining), got a "
                 f"{type(model).__name__} with none; this checkpoint has no MLM weights (sentence-embedding models "
                 f"such as all-MiniLM-L6-v2 ship none): use feature-extraction, or a checkpoint saved with an MLM head")
+
+    def example(self) -> Any:
+        return f"litebert {self.tokenizer.special_tokens['mask']} up"
 
     def check_input(self, item: Any) -> None:
         text, pair = _text_of(item)
@@ -516,16 +542,18 @@ def _resolve_task(task: str | None) -> str | None:
 
 
 def pipeline(task: str | None = None, model: nn.Module | str | Path | None = None, tokenizer: Any = None,
-             device: str | torch.device = "cpu", batch_size: int = 32, bf16: bool = False, max_length: int | None = None,
-             max_tokens: int | None = None, pad_to_multiple_of: int | None = None, **options: Any) -> Pipeline:
+             device: str | torch.device = "cpu", batch_size: int = 32, precision: str = "auto",
+             max_length: int | None = None, max_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+             **options: Any) -> Pipeline:
     """A ready-to-call pipeline for ``task`` (None or "auto": the task the model was trained for, see
     `task_for_model`).
 
     ``model`` is a model directory (litebert or ``transformers``; its tokenizer is loaded from it unless given)
     or a loaded model (then ``tokenizer`` is required: a LiteTokenizer or a directory). ``batch_size`` rows per
     forward pass, at most ``max_tokens`` padded tokens per pass when set; each batch is padded to its longest row
-    (rounded up to ``pad_to_multiple_of`` when set). ``bf16`` casts the model's weights to bf16 (in place) and runs
-    in bf16 end to end. ``max_length`` truncates inputs (default: 512, 384 for question answering, capped at the
+    (rounded up to ``pad_to_multiple_of`` when set). ``precision``: ``auto`` (bf16 where the hardware runs it
+    natively, else fp32), ``fp32`` or ``bf16`` (runs anywhere; warns where bf16 is emulated and slow); a model whose
+    weights are in another dtype is cast once, into a copy. ``max_length`` truncates inputs (default: 512, 384 for question answering, capped at the
     model's positions). Remaining keyword
     arguments are the task's options (e.g. ``top_k``, ``aggregation_strategy``) and become its defaults.
     """
@@ -542,8 +570,8 @@ def pipeline(task: str | None = None, model: nn.Module | str | Path | None = Non
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
     task = task or task_for_model(model)
-    return PIPELINES[task](model, tokenizer, device=device, batch_size=batch_size, bf16=bf16, max_length=max_length,
-                           max_tokens=max_tokens, pad_to_multiple_of=pad_to_multiple_of, **options)
+    return PIPELINES[task](model, tokenizer, device=device, batch_size=batch_size, precision=precision,
+                           max_length=max_length, max_tokens=max_tokens, pad_to_multiple_of=pad_to_multiple_of, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -601,8 +629,8 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on padded tokens per forward pass")
     parser.add_argument("--max-length", type=int, default=None,
                         help="truncate inputs to this many tokens (default: 512, 384 for QA, capped by the model)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 weights and activations (AVX-512-bf16/AMX CPUs, recent GPUs)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (default): bf16 where the hardware runs it natively, else fp32")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="text-classification: the k best labels; fill-mask: k fillers (default 5)")
@@ -628,7 +656,7 @@ def predict_main(argv: list[str]) -> int:
         options["handle_impossible_answer"] = True
 
     records = read_inputs(args.input)  # syntax errors surface before the model is loaded
-    pipe = pipeline(task, model=args.model, device=args.device, batch_size=args.batch_size, bf16=args.bf16,
+    pipe = pipeline(task, model=args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
                     max_length=args.max_length, max_tokens=args.max_tokens, **options)
     for lineno, item in records:
         try:

@@ -36,6 +36,7 @@ import difflib
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -47,6 +48,7 @@ from typing import Any, ClassVar
 
 from tokenizers import Tokenizer
 
+from ..runtime import PRECISIONS
 from .memory import bound_kernel_caches, malloc_trim
 from .pipeline import Pipeline, pipeline
 
@@ -546,7 +548,7 @@ def load_pipeline(model_dir: str | Path, task: str | None = None, backend: str =
     if backend == "torch" or (backend == "auto" and has_weights and onnx_file is None):
         return pipeline(task, model=str(model_dir), **kwargs), "torch"
     name = onnx_file or (INT8_FILE if (model_dir / INT8_FILE).is_file() else ONNX_FILE)
-    kwargs.pop("bf16", None)
+    kwargs.pop("precision", None)
     return onnx_pipeline(model_dir, task, onnx_file=name, **kwargs), f"onnx:{name}"
 
 
@@ -565,7 +567,9 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--onnx-file", default=None, help="ONNX file in --model (default: model.int8.onnx if present, "
                                                           "else model.onnx)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: %(default)s)")
-    parser.add_argument("--bf16", action="store_true", help="PyTorch backend: bf16 weights and activations")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="PyTorch backend: auto (default; bf16 where the hardware runs it natively, else fp32), "
+                             "fp32 or bf16")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
                         help="inputs merged across requests into one pipeline call (default: %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
@@ -597,7 +601,12 @@ def serve_main(argv: list[str]) -> int:
                        args.host)
     task = None if args.task == "auto" else args.task
     pipe, backend = load_pipeline(args.model, task, args.backend, args.onnx_file, batch_size=args.batch_size,
-                                  bf16=args.bf16)
+                                  precision=args.precision)
+    try:  # a model that cannot run here stops the server before it ever reports healthy
+        pipe.warm_up()
+    except RuntimeError as err:
+        print(f"litebert serve: error: {err}", file=sys.stderr)
+        return 2
     server = ModelServer(pipe, args.host, args.port, config, model_name=str(args.model), backend=backend)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

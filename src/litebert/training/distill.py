@@ -74,6 +74,7 @@ from ..heads import (
     from_pretrained,
 )
 from ..recipe import build, resolve, save_yaml
+from ..runtime import resolve_precision
 from .loop import TrainConfig, autocast, init_distributed, is_main_process, train
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def default_recipe() -> dict[str, Any]:
         "mlm": mlm,
         "train": dataclasses.asdict(TrainConfig(optimizer="adamw", lr=1e-4, max_steps=1000, warmup_ratio=0.1)),
         "report": {"enabled": True, "ablation": False, "batch_sizes": [1, 32], "seq_len": 128, "repeats": 10,
-                   "bf16": [False, True]},
+                   "precision": ["fp32", "auto"]},
     }
 
 
@@ -964,7 +965,8 @@ def run_distillation(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, A
         use_cache = recipe["distill"]["cache_teacher_logits"] and loss_cfg.kl and not loss_cfg.needs_teacher_states
         if use_cache:
             teacher_logits = cached_teacher_logits(teacher, train_f, cache, recipe["task"]["eval_batch_size"],
-                                                   bf16=train_cfg.bf16, pad_token_id=tokenizer.pad_token_id)
+                                                   bf16=resolve_precision(train_cfg.precision, warn=False) == "bf16",
+                                                   pad_token_id=tokenizer.pad_token_id)
         teacher_online = (loss_cfg.kl and not use_cache) or loss_cfg.needs_teacher_states
         loader = _task_loader(train_f, train_cfg.batch_size, tokenizer.pad_token_id, train_cfg.seed, teacher_logits,
                               rank, world)
@@ -1063,7 +1065,7 @@ def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teac
         models, model_dirs={"teacher": teacher_dir, "student": out_dir / "final"}, scores=scores, metric=metric,
         ablation={"hard labels only (no distillation)": ablation_score} if ablation_score is not None else None,
         batch_sizes=section["batch_sizes"], seq_len=section["seq_len"], repeats=section["repeats"],
-        bf16=section["bf16"], vocab_size=tokenizer.vocab_size,
+        precisions=section["precision"], vocab_size=tokenizer.vocab_size,
         details={"mode": mode, "teacher": str(teacher_path), "student": f"{student.config.model_type}, "
                  f"{student.config.num_hidden_layers} layers", "layer_map": recipe["student"]["layer_map"],
                  "loss": recipe["loss"], "steps": recipe["train"]["max_steps"]})

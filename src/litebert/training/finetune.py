@@ -18,7 +18,7 @@ Recipe sections (defaults below < ``--config`` YAML < ``--section.key value`` fl
   Validation picks the best checkpoint and stops early; the test split never does, it is scored once at the end with
   the best model. Carved splits are written to ``OUT/data/`` so ``litebert evaluate`` can re-score them.
 - ``train``: :class:`~litebert.training.loop.TrainConfig` with fine-tuning defaults (AdamW, lr 5e-5, 10% warmup,
-  bf16), plus ``num_epochs`` (sets ``max_steps`` unless given) and ``eval_batch_size``. ``eval_every`` and
+  precision auto), plus ``num_epochs`` (sets ``max_steps`` unless given) and ``eval_batch_size``. ``eval_every`` and
   ``save_every`` default to once per epoch; ``metric_for_best`` to the task's main metric; ``layer_decay`` is
   layer-wise LR decay; ``early_stopping_patience`` counts evaluations.
 
@@ -75,6 +75,7 @@ from ..data.tasks import (
 from ..evaluation import accuracy, entity_f1, f1_score, matthews_corrcoef, pearson, spearman, squad_scores
 from ..heads import from_pretrained, model_class_for
 from ..recipe import build, resolve, save_yaml
+from ..runtime import PRECISIONS, hardware, resolve_precision
 from ..tokenizer import LiteTokenizer, load_tokenizer
 from .loop import TrainConfig, autocast, init_distributed, is_main_process, train
 
@@ -608,8 +609,7 @@ def run_finetune(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     if features["test"]:
         model.eval()
         device = next(model.parameters()).device
-        use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
-        with autocast(use_bf16, device):
+        with autocast(resolve_precision(cfg.precision, device, warn=False) == "bf16", device):
             test = score(model, spec, splits.test, features["test"], id2label, data, eval_batch_size, pad_id)
         summary.update({f"test_{k}": v for k, v in _scalars(test).items()})
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -661,7 +661,7 @@ def finetune_main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    """litebert evaluate --model DIR --data FILE [--task TASK] [--batch-size N] [--no-bf16] [--data.key value ...]"""
+    """litebert evaluate --model DIR --data FILE [--task TASK] [--batch-size N] [--precision P] [--data.key value ...]"""
     parser = argparse.ArgumentParser(
         prog="litebert evaluate", allow_abbrev=False,
         description="Score a fine-tuned model on a labelled file; prints one JSON object (metrics and example "
@@ -673,8 +673,9 @@ def evaluate_main(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="labelled file to score")
     parser.add_argument("--task", help=f"one of {', '.join(TASKS)} (default: the task the model was fine-tuned for)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast (default on: ~3-5x faster on CPUs with AMX)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (default): bf16 where the hardware runs it natively, else fp32")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     model_dir = resolve_model_dir(resolve_path(args.model))
     saved = json.loads((model_dir / SETTINGS_FILE).read_text()) if (model_dir / SETTINGS_FILE).exists() else {}
@@ -694,10 +695,11 @@ def evaluate_main(argv: list[str]) -> int:
     tokenizer = load_tokenizer(model_dir)
     examples = spec.read(path, data)
     features = spec.featurize(examples, tokenizer, model.config.label2id if id2label else None, data)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(hardware().device)
     model.to(device).eval()
     start = time.perf_counter()
-    with autocast(args.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported()), device):
+    precision = args.precision if args.bf16 is None else ("auto" if args.bf16 else "fp32")  # --[no-]bf16: old flag
+    with autocast(resolve_precision(precision, device) == "bf16", device):
         result = score(model, spec, examples, features, id2label, data, args.batch_size, tokenizer.pad_token_id)
     print(json.dumps({"task": task, "data": str(path), "n_examples": len(examples), **result,
                       "seconds": round(time.perf_counter() - start, 2)}))

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_weights_into
 from ..config import ConfigError
+from ..runtime import PRECISIONS, resolve_precision
 from .optim import build_optimizer, build_scheduler
 from .state import (
     _recover_strays,
@@ -69,7 +70,7 @@ class TrainConfig:
     power: float = 1.0
     layer_decay: float | None = None
     clip_grad_norm: float | None = 1.0
-    bf16: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16; auto = bf16 where the hardware runs it natively, else fp32
     seed: int = 42
     log_every: int = 10
     eval_every: int = 100
@@ -90,6 +91,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in ("adamw", "lamb"):
             raise ConfigError(f"train.optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -163,7 +166,7 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
 
 
 def autocast(enabled: bool, device: torch.device):
-    """bf16 autocast: on CPUs with AMX it runs the GEMMs ~5x faster than fp32."""
+    """bf16 autocast when ``enabled`` (``resolve_precision`` decides where that pays), else a no-op."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -325,7 +328,7 @@ def train(
     ddp = world > 1
     train_model = nn.parallel.DistributedDataParallel(core) if ddp else core
     metrics = MetricsWriter(out_dir, step, cfg.tensorboard)
-    use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
+    use_bf16 = resolve_precision(cfg.precision, device, warn=rank == 0) == "bf16"
     progress = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
