@@ -10,6 +10,9 @@ PY=.venv/bin/python
 OUT=${DEMO_OUT:-demo-out}
 MINUTES=${DEMO_MINUTES:-6}
 
+echo "== hardware (precision auto: bf16 where it is native, else fp32)"
+$PY -m litebert env | sed -n '/cpu_model/p;/cpu_bf16/p;/precision auto (cpu)/p'
+
 echo "== 1/3 corpus"
 if [ ! -d "$OUT/corpus/train" ]; then
   $PY scripts/prepare_corpus.py --out "$OUT/corpus"
