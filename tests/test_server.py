@@ -361,7 +361,4 @@ def test_kernel_caches_are_bounded_unless_the_user_chose(monkeypatch):
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory.KERNEL_CACHE_CAPACITY)
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"  # the user's setting wins
     memory.malloc_trim()()  # glibc's malloc_trim, or nothing where there is none; never an error
-    monkeypatch.setenv("LITEBERT_KEEP_FREED_MEMORY", "0")
-    assert memory.keep_freed_memory() is False  # switched off
-    monkeypatch.delenv("LITEBERT_KEEP_FREED_MEMORY")
     assert memory.keep_freed_memory() is (memory._libc_function("mallopt") is not None)

@@ -50,11 +50,31 @@ def env_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="litebert env", description=env_main.__doc__)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args(argv)
+    hw = hardware()
     info = {"litebert": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), **hardware().report()}
+            "platform": platform.platform(), **hw.report()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+
+    def yes(flag: object) -> str:
+        return "yes" if flag else "no"
+
+    rows = {
+        "versions": f"litebert {__version__}, torch {torch.__version__}, Python {platform.python_version()}",
+        "platform": platform.platform(),
+        "device": f"{hw.device} (CUDA: {hw.cuda_name or 'no'}{', bf16' if hw.cuda_bf16 else ''}; MPS: {yes(hw.mps)})",
+        "CPU": f"{hw.cpu_model}, {hw.threads} threads",
+        "capability": f"{hw.cpu_capability} (AVX-512: {yes(hw.avx512)}, native bf16: {yes(hw.cpu_bf16)}, AMX: "
+                      f"{yes(hw.amx)}, int8 VNNI: {yes(hw.vnni)}; oneDNN: {yes(hw.onednn)})",
+        "simulated": hw.simulated or "no (LITEBERT_CPU=avx2 answers for the AVX2 class)",
+    }
+    decisions = info["decisions"]
+    width = max(map(len, [*rows, *decisions]))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows.items()))
+    print("\nwhat litebert will do:")
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in decisions.items()))
+    return 0
     decisions = info.pop("decisions")
     width = max(map(len, [*info, *decisions]))
     for key, value in info.items():

@@ -43,6 +43,7 @@ _CLASSES: dict[str, dict[str, object]] = {
 _EMULATED_BF16 = "bf16 is emulated on this CPU (no AVX-512-bf16/AMX): expect it to run several times slower than fp32"
 
 
+
 @dataclass(frozen=True)
 class Hardware:
     """What this process can run on. ``device`` is where litebert runs by default (cuda > mps > cpu)."""
@@ -80,17 +81,20 @@ class Hardware:
 
     def report(self) -> dict[str, object]:
         """The probe plus what litebert will do with it (``litebert env``)."""
+        def on_off(check) -> str:
+            return ", ".join(f"{name} {'on' if check(dt) else 'off'}"
+                             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)))
+
+        cpu = resolve_precision("auto", "cpu", warn=False)
         info = dataclasses.asdict(self)
-        cpu_precision = resolve_precision("auto", "cpu", warn=False)
         info["decisions"] = {
-            "precision auto (cpu)": cpu_precision + ("" if self.cpu_bf16 else f" ({_EMULATED_BF16.split(':')[0]})"),
-            "precision auto (default device)": resolve_precision("auto", self.device, warn=False),
-            "fused linear (cpu inference)": ", ".join(f"{name} {'on' if self.fused_linear(dt) else 'off'}"
-                                                      for name, dt in (("fp32", torch.float32),
-                                                                       ("bf16", torch.bfloat16))),
-            "weight pre-packing": ", ".join(f"{name} {'on' if self.prepack(dt) else 'off'}"
-                                            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))),
-            "int8 VNNI": "yes" if self.vnni else "no (int8 exports use the format that cannot saturate)",
+            "precision auto (cpu)": cpu + ("" if self.cpu_bf16 else " (bf16 would be emulated here: several times "
+                                                                  "slower than fp32)"),
+            **({f"precision auto ({self.device})": resolve_precision("auto", self.device, warn=False)}
+               if self.device != "cpu" else {}),
+            "fused linear (cpu inference)": on_off(self.fused_linear),
+            "weight pre-packing": on_off(self.prepack),
+            "int8 kernels": "VNNI" if self.vnni else "no VNNI: exports use a format that cannot saturate",
         }
         return info
 

@@ -1,9 +1,8 @@
 """Process-wide memory policy for CPU inference: glibc's allocator and oneDNN's kernel caches.
 
 - `keep_freed_memory` (applied by `pipeline()` on CPU): freed activations stay in the heap for the next forward pass
-  instead of going back to the system and being page-faulted in again. `bench/inference_switches.py` (BERT-base,
-  interleaved, 2-core AMX machine): 14-17% faster at 1 x 128 for every contender, transformers included; litebert
-  bf16 9-13% faster at 32 x 128 (transformers 4%). ``LITEBERT_KEEP_FREED_MEMORY=0`` turns it off.
+  instead of going back to the system and being page-faulted in again (`bench/inference_switches.py` times it on and
+  off; it helps every contender, transformers included).
 - `bound_kernel_caches` and `malloc_trim` (applied by `litebert serve`): a server meets a new (batch, length) shape on
   most forward passes; see their docstrings.
 
@@ -42,7 +41,7 @@ def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for the whole process (idempotent; True when applied) so activation
     buffers of up to 32 MiB are reused from the heap rather than mapped, zeroed and unmapped on every call."""
     mallopt = _libc_function("mallopt")
-    if mallopt is None or os.environ.get("LITEBERT_KEEP_FREED_MEMORY", "1") == "0":
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
