@@ -55,8 +55,8 @@ MLM_FRACTION = 0.15
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
 def write_corpus(root: Path, documents: int, seed: int = 0) -> Path:
-    """Documents of pseudo-words with a Zipf-like frequency (so the tokenizer learns a real vocabulary), blank-line
-    separated; ``train.txt`` and a small ``val.txt``."""
+    """Documents of pseudo-words with a Zipf-like frequency (so the tokenizer learns a real vocabulary), long enough
+    to fill 512-token examples, blank-line separated; ``train.txt`` and a smaller ``val.txt``."""
     rng = random.Random(seed)
     syllables = ["ka", "to", "ri", "mu", "sen", "dal", "or", "pe", "lin", "vo", "ta", "ne", "gor", "bi", "shu", "el",
                  "an", "qui", "ra", "zo", "mi", "fer", "ul", "po"]
@@ -65,11 +65,11 @@ def write_corpus(root: Path, documents: int, seed: int = 0) -> Path:
 
     def document() -> str:
         return " ".join(" ".join(rng.choices(words, weights, k=rng.randint(6, 18))).capitalize() + "."
-                        for _ in range(rng.randint(4, 12)))
+                        for _ in range(rng.randint(120, 240)))
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "train.txt").write_text("\n\n".join(document() for _ in range(documents)))
-    (root / "val.txt").write_text("\n\n".join(document() for _ in range(max(20, documents // 50))))
+    (root / "val.txt").write_text("\n\n".join(document() for _ in range(max(4, documents // 10))))
     return root
 
 
@@ -138,7 +138,21 @@ def check_parity(args: argparse.Namespace, device: torch.device) -> dict:
     return {"ok": ok, "max_abs_diff": rows}
 
 
-def pretrain_flags(args: argparse.Namespace, corpus: Path, tokenizer: Path | None) -> list[str]:
+def prepare_data(args: argparse.Namespace, corpus: Path) -> Path:
+    """The tokenizer and the tokenized-text cache, made once before the timed runs, which all share them."""
+    from litebert.data.pretraining import PretrainingConfig, PretrainingDataset
+    from litebert.tokenizer import load_tokenizer, train_tokenizer
+
+    tok_dir = corpus / "tokenizer"
+    train_tokenizer([corpus / "train.txt"], kind="unigram", vocab_size=args.vocab, out_dir=tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    for name in ("train.txt", "val.txt"):
+        PretrainingDataset([str(corpus / name)], tokenizer, PretrainingConfig(max_seq_length=args.seq),
+                           cache_dir=corpus / "cache").prepare_cache()
+    return tok_dir
+
+
+def pretrain_flags(args: argparse.Namespace, corpus: Path, tokenizer: Path) -> list[str]:
     flags = ["--data.train", str(corpus / "train.txt"), "--data.validation", str(corpus / "val.txt"),
              "--data.cache_dir", str(corpus / "cache"), "--data.max_seq_length", str(args.seq),
              "--data.eval_batches", "2", "--data.num_workers", str(args.workers),
@@ -146,8 +160,8 @@ def pretrain_flags(args: argparse.Namespace, corpus: Path, tokenizer: Path | Non
              "--train.batch_size", str(args.batch), "--train.max_steps", str(args.steps), "--train.optimizer", "adamw",
              "--train.lr", "5e-4", "--train.log_every", str(args.log_every), "--train.eval_every", str(10**9),
              "--train.save_every", str(args.steps // 2), "--train.progress", "false", "--train.tensorboard", "false",
-             PRECISION_FLAG, "true" if args.precision == "bf16" else "false", "--train.compile", str(args.compile)]
-    flags += ["--tokenizer.path", str(tokenizer)] if tokenizer else ["--tokenizer.vocab_size", str(args.vocab)]
+             PRECISION_FLAG, "true" if args.precision == "bf16" else "false", "--train.compile", str(args.compile),
+             "--tokenizer.path", str(tokenizer)]
     return flags
 
 
@@ -195,12 +209,13 @@ def max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
 
 
 def check_training(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
-    corpus = write_corpus(work / "corpus", 200 if args.quick else 3000)
+    corpus = write_corpus(work / "corpus", 12 if args.quick else 300)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak, source = bf16_peak(device, dtype, args.peak_tflops)
-    direct = run_pretrain(work / "direct", pretrain_flags(args, corpus, None))
-    tokenizer = work / "direct" / "tokenizer"
-    flags = pretrain_flags(args, corpus, tokenizer)
+    started = time.perf_counter()
+    flags = pretrain_flags(args, corpus, prepare_data(args, corpus))
+    print(f"       corpus, tokenizer and tokenized cache made in {time.perf_counter() - started:.0f}s")
+    direct = run_pretrain(work / "direct", flags)
     summary = json.loads((work / "direct" / "metrics.json").read_text())
     speed = throughput(args, direct, work / "direct" / "final", peak)
     ok = summary.get("device", "").startswith(device.type) and summary.get("step") == args.steps
@@ -287,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="sequences per step (default 64; quick 4)")
     p.add_argument("--seq", type=int, help="sequence length (default 512; quick 32)")
     p.add_argument("--vocab", type=int, help="tokenizer vocabulary (default 8000; quick 300)")
-    p.add_argument("--workers", type=int, help="data-loading processes (default 8 on a GPU, else 0)")
+    p.add_argument("--workers", type=int, help="data-loading processes (default: all CPUs but two, at most 12, on a GPU; else 0)")
     p.add_argument("--compile", action="store_true", help="train with torch.compile of the encoder")
     p.add_argument("--peak-tflops", type=float, help="the MFU denominator, TFLOP/s (default: spec sheet or measured)")
     p.add_argument("--inference-rounds", type=int, default=20)
@@ -301,8 +316,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.workers is None:
-        args.workers = 8 if gpu else 0
+    if args.workers is None:  # masking runs in Python: on a GPU, most of the CPUs feed it
+        args.workers = max(1, min(12, (os.cpu_count() or 4) - 2)) if gpu else 0
     if args.precision is None:
         args.precision = "bf16" if hardware().native_bf16(args.device) else "fp32"
     args.log_every = max(1, args.steps // 30)
