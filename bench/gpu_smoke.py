@@ -12,6 +12,8 @@ Five checks, each printed with its figures and PASS / FAIL (the exit status is 1
    device's precision (bf16 on a GPU with it), with tokens/s and the model FLOPs utilisation: useful training FLOPs
    (3x the forward matmuls, the MLM head on masked positions only) per second over the GPU's dense bf16 peak (its
    spec sheet's, where this script knows the GPU, else a measured large matmul; ``--peak-tflops`` overrides).
+   Tokens are real tokens; the MFU with the padding positions counted too is printed next to it, and before the
+   run the data loader's own rate, so that a run the CPUs cannot feed shows as such.
 3. torchrun: the same run through ``torchrun --nproc_per_node 1`` (the multi-GPU code path with one process):
    same losses, same speed.
 4. kill and resume: the run killed (SIGKILL) after its first checkpoint, started again, and compared with the
@@ -138,18 +140,30 @@ def check_parity(args: argparse.Namespace, device: torch.device) -> dict:
     return {"ok": ok, "max_abs_diff": rows}
 
 
-def prepare_data(args: argparse.Namespace, corpus: Path) -> Path:
-    """The tokenizer and the tokenized-text cache, made once before the timed runs, which all share them."""
-    from litebert.data.pretraining import PretrainingConfig, PretrainingDataset
+def prepare_data(args: argparse.Namespace, corpus: Path) -> tuple[Path, dict]:
+    """The tokenizer and the tokenized-text cache, made once before the timed runs, which all share them; then the
+    data loader alone, as the runs configure it: real tokens/s (what the GPU can be fed at most) and the share of
+    batch positions that are real tokens, not padding."""
+    from litebert.data.pretraining import PretrainingConfig, PretrainingDataset, build_pretraining_loader
     from litebert.tokenizer import load_tokenizer, train_tokenizer
 
     tok_dir = corpus / "tokenizer"
     train_tokenizer([corpus / "train.txt"], kind="unigram", vocab_size=args.vocab, out_dir=tok_dir)
     tokenizer = load_tokenizer(tok_dir)
+    config = PretrainingConfig(max_seq_length=args.seq)
     for name in ("train.txt", "val.txt"):
-        PretrainingDataset([str(corpus / name)], tokenizer, PretrainingConfig(max_seq_length=args.seq),
-                           cache_dir=corpus / "cache").prepare_cache()
-    return tok_dir
+        PretrainingDataset([str(corpus / name)], tokenizer, config, cache_dir=corpus / "cache").prepare_cache()
+    loader = build_pretraining_loader([str(corpus / "train.txt")], tokenizer, config, batch_size=args.batch,
+                                      num_workers=args.workers, cache_dir=corpus / "cache", drop_last=True)
+    real = positions = 0
+    batches = iter(loader)
+    next(batches)  # workers start
+    start = time.perf_counter()
+    for batch, _ in zip(batches, range(5 if args.quick else 40)):
+        real += int(batch["attention_mask"].sum())
+        positions += batch["attention_mask"].numel()
+    return tok_dir, {"tokens_per_s": real / (time.perf_counter() - start), "fill": real / positions,
+                     "workers": args.workers}
 
 
 def pretrain_flags(args: argparse.Namespace, corpus: Path, tokenizer: Path) -> list[str]:
@@ -209,12 +223,15 @@ def max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
 
 
 def check_training(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
-    corpus = write_corpus(work / "corpus", 12 if args.quick else 300)
+    corpus = write_corpus(work / "corpus", 12 if args.quick else 150)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak, source = bf16_peak(device, dtype, args.peak_tflops)
     started = time.perf_counter()
-    flags = pretrain_flags(args, corpus, prepare_data(args, corpus))
-    print(f"       corpus, tokenizer and tokenized cache made in {time.perf_counter() - started:.0f}s")
+    tokenizer, data = prepare_data(args, corpus)
+    flags = pretrain_flags(args, corpus, tokenizer)
+    print(f"       corpus, tokenizer and tokenized cache made in {time.perf_counter() - started:.0f}s; the data loader "
+          f"alone gives {data['tokens_per_s']:,.0f} tokens/s ({data['workers']} workers), "
+          f"{100 * data['fill']:.0f}% of batch positions real tokens")
     direct = run_pretrain(work / "direct", flags)
     summary = json.loads((work / "direct" / "metrics.json").read_text())
     speed = throughput(args, direct, work / "direct" / "final", peak)
@@ -224,7 +241,9 @@ def check_training(args: argparse.Namespace, device: torch.device, work: Path) -
           f"on {summary.get('device')}: {args.steps} steps of {args.batch}x{args.seq}, {speed['tokens_per_s']:,.0f} "
           f"tokens/s, {speed['tflops']:.3g} TFLOP/s, MFU {100 * speed['mfu']:.1f}% of {peak:.3g} TFLOP/s "
           f"({source}){target}; loss {direct['losses'][1]:.3f} -> {direct['losses'][args.steps]:.3f}")
-    result = {"pretrain": {"ok": ok, **speed, "peak_tflops": peak, "peak_source": source, "summary": summary}}
+    print(f"       MFU counting the padding positions too (the work done): {100 * speed['mfu'] / data['fill']:.1f}%")
+    result = {"pretrain": {"ok": ok, **speed, "mfu_with_padding": speed["mfu"] / data["fill"], "peak_tflops": peak,
+                           "peak_source": source, "data_loader": data, "summary": summary}}
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                 str(args.port)]
