@@ -41,6 +41,7 @@ from .state import (
     load_training_state,
     prune_checkpoints,
     rank_state,
+    reseed,
     restore_rng,
     rng_state,
     save_training_state,
@@ -337,7 +338,7 @@ def train(
         if mine is not None:
             restore_rng(mine["rng"])
         else:
-            _reseed(cfg.seed, rank, step)
+            reseed(cfg.seed, rank, step)
             if rank == 0:
                 log.warning("%s was saved by a job of another size: the ranks start fresh random streams, so this "
                             "run does not continue the saved one exactly", ckpt)
@@ -493,18 +494,6 @@ def train(
     if ddp:
         dist.barrier()
     return summary
-
-
-def _reseed(seed: int, rank: int, step: int) -> None:
-    """Fresh, distinct random streams for each rank of a resumed job that cannot continue the saved ones."""
-    import random
-
-    import numpy as np
-
-    value = (seed * 1_000_003 + step) * 1009 + rank
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -41,6 +41,7 @@ __all__ = [
     "load_training_state",
     "prune_checkpoints",
     "rank_state",
+    "reseed",
     "restore_rng",
     "rng_state",
     "save_training_state",
@@ -225,6 +226,14 @@ def restore_rng(state: Mapping[str, Any] | None) -> None:
     torch.set_rng_state(rng["torch"].cpu())
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"].cpu())
+
+
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Fresh random streams, distinct per rank and step, for a resumed rank that cannot continue its saved ones."""
+    value = (seed * 1_000_003 + step) * 1009 + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
 
 
 # --------------------------------------------------------------------------- save / load
