@@ -41,10 +41,10 @@ def make_step(model: torch.nn.Module, batch: dict, bf16: bool):
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 embedding_size=32, vocab_size=1000) if args.quick else
-            dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                 embedding_size=128, vocab_size=30000))
+    size = ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+             "embedding_size": 32, "vocab_size": 1000} if args.quick else
+            {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024,
+             "embedding_size": 128, "vocab_size": 30000})
     config = litebert.preset("albert-base", **size)
     model = litebert.EncoderForPreTraining(config).train()
     ids = torch.randint(5, config.vocab_size, (args.batch, args.seq))

@@ -142,3 +142,25 @@ def test_forward_flops_counts_the_projections_and_attention():
     assert forward_flops(bert, 1, 128) == 12 * (2 * 128 * (4 * 768**2 + 2 * 768 * 3072) + 4 * 128 * 128 * 768)
     albert = preset("albert-base")
     assert forward_flops(albert, 1, 128) == forward_flops(bert, 1, 128) + 2 * 128 * 128 * 768
+
+
+GPU_SMOKE = Path(__file__).resolve().parents[1] / "bench" / "gpu_smoke.py"
+
+
+@pytest.mark.slow
+def test_gpu_smoke_runs_every_check_on_cpu_quick(tmp_path):
+    """The prepared GPU check, on tiny presets on the CPU: parity, pre-training with tokens/s and MFU, the same
+    through torchrun, kill -9 and exact resume, inference against transformers."""
+    out = tmp_path / "gpu_smoke.json"
+    proc = subprocess.run([sys.executable, str(GPU_SMOKE), "--device", "cpu", "--quick", "--json-out", str(out),
+                           "--port", "29571"], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["device"] == "cpu"
+    assert set(result["parity"]["max_abs_diff"]) == {"bert-test", "albert-test", "distilbert-test"}
+    assert result["pretrain"]["tokens_per_s"] > 0 and 0 < result["pretrain"]["mfu"] < 1
+    assert result["torchrun"]["max_rel_loss_diff"] == 0.0
+    assert result["resume"]["killed_at"] is not None and result["resume"]["max_rel_loss_diff"] == 0.0
+    assert result["inference"]["ratio"] > 0
+    for line in ("parity", "pretrain", "torchrun", "kill -9", "inference"):
+        assert any(f"[PASS] {line}" in row for row in proc.stdout.splitlines()), line

@@ -1,4 +1,5 @@
-"""`litebert pretrain` end to end on a tiny model: outputs, exact resume, torchrun (2 processes, gloo), bad input."""
+"""`litebert pretrain` end to end on a tiny model: outputs, exact resume, torchrun (2 processes, gloo: the loss curve,
+every rank's own random streams across a resume), bad input."""
 
 import csv
 import json
@@ -15,6 +16,7 @@ import litebert
 from litebert.recipe import resolve
 from litebert.training import pretrain
 from litebert.training.pretrain import default_recipe, run_pretraining
+from litebert.training.state import latest_checkpoint, load_training_state
 
 TINY = ["--model.hidden_size", "32", "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2",
         "--model.intermediate_size", "64", "--model.embedding_size", "16", "--tokenizer.vocab_size", "600",
@@ -117,6 +119,35 @@ def test_torchrun_two_processes_on_cpu(corpus, tmp_path):
     for (_, x), (_, y) in zip(ddp, one):
         assert abs(x - y) / y < 0.05, (ddp, one)
     assert litebert.from_pretrained(str(out / "final")).config.hidden_size == 32
+
+
+def _torchrun(out: Path, corpus: Path, port: int, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "litebert", "pretrain", "--out", str(out), "--data.train", str(corpus / "train.txt"),
+           "--data.validation", str(corpus / "val.txt"), "--data.cache_dir", str(out.parent / "cache"), *TINY,
+           "--model.hidden_dropout_prob", "0.1", "--train.schedule", "constant", "--train.warmup_steps", "0",
+           "--train.save_every", "4", "--train.eval_every", "4", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_save_and_restore_their_own_rng_and_resume_exactly(corpus, tmp_path):
+    """Dropout draws from each rank's own stream: a resume that gave rank 1 rank 0's stream changes the losses."""
+    straight = tmp_path / "straight"
+    _torchrun(straight, corpus, 29541, "--train.max_steps", "8")
+    tok = ("--tokenizer.path", str(straight / "tokenizer"))
+    resumed = tmp_path / "resumed"
+    _torchrun(resumed, corpus, 29542, "--train.max_steps", "4", *tok)  # stops at step 4, its checkpoint saved
+    state = load_training_state(latest_checkpoint(resumed))
+    assert state["step"] == 4 and len(state["ranks"]) == 2
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
+    _torchrun(resumed, corpus, 29543, "--train.max_steps", "8", *tok)
+    a, b = _losses(straight), _losses(resumed)
+    assert [s for s, _ in b] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor([x for _, x in b]), torch.tensor([x for _, x in a]), rtol=1e-4, atol=1e-5)
 
 
 def test_corpus_smaller_than_one_batch_is_a_clear_error(tmp_path):

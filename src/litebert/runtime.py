@@ -225,3 +225,138 @@ def resolve_precision(precision: str | bool | None, device: str | torch.device |
 def precision_dtype(precision: str) -> torch.dtype:
     """The torch dtype of a resolved precision."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+# -- device and process setup -----------------------------------------------------------------------------------
+# One code path for 1 process, N processes on one machine and N machines: torchrun describes this process with
+# RANK / LOCAL_RANK / WORLD_SIZE (the only other environment variables litebert reads); LOCAL_RANK picks the GPU.
+
+__all__ += ["Process", "collective_device", "cuda_capability", "current_process", "ddp_device_args", "gather_object",
+            "process_device", "setup_process", "teardown_process", "torchrun_env"]
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the job and the device it trains on (``cuda:LOCAL_RANK`` on a CUDA host)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None = None  # the process group's ("nccl" / "gloo"); None for a single process
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_process: list[Process] = []
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer (torchrun sets it)") from None
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun set them; (0, 0, 1) outside torchrun."""
+    return _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+
+
+def process_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """Where this process trains: ``device`` when given (a bare ``cuda`` gets this process's GPU), else this
+    process's GPU on a CUDA host, else the CPU."""
+    if device is None:
+        device = "cuda" if hardware().device == "cuda" else "cpu"
+    dev = torch.device(device)
+    if dev.type != "cuda" or dev.index is not None:
+        return dev
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK={local_rank} but this machine shows {count} GPU(s): start at most {count} "
+                         "processes per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
+def setup_process(device: str | torch.device | None = None) -> Process:
+    """Pick this process's device and, under torchrun, join the process group (nccl on GPUs, gloo on CPUs).
+
+    Under ``torchrun --nproc_per_node 1`` the process joins a group of one, so that a single GPU runs the very
+    path that many do (NCCL, ``DistributedDataParallel``, collectives). The GPU is selected first (``torch.cuda.set_device``) so that NCCL, the CUDA RNG and pinned memory use it;
+    the group is then bound to it. Calling again gives the same answer; the group is destroyed at exit
+    (:func:`teardown_process`)."""
+    import atexit
+
+    import torch.distributed as dist
+
+    rank, local_rank, world = torchrun_env()
+    dev = process_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = None
+    if world > 1 or "WORLD_SIZE" in os.environ:  # torchrun sets it, even to 1
+        if not dist.is_initialized():
+            # Bound to its device, NCCL sets up eagerly on the right GPU and barriers need not guess it.
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                    **({"device_id": dev} if dev.type == "cuda" else {}))
+            atexit.register(teardown_process)
+        backend, rank, world = str(dist.get_backend()), dist.get_rank(), dist.get_world_size()
+    proc = Process(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
+    _process[:] = [proc]
+    return proc
+
+
+def current_process() -> Process | None:
+    """What the last :func:`setup_process` answered; None before any."""
+    return _process[0] if _process else None
+
+
+def teardown_process() -> None:
+    """Leave the process group, if this process joined one (safe to call twice)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """The device of tensors handed to collectives: NCCL reduces GPU tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        proc = current_process()
+        if proc is not None and proc.device.type == "cuda":
+            return proc.device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def ddp_device_args(device: torch.device) -> dict[str, object]:
+    """``DistributedDataParallel`` keywords for a module on ``device``: its one GPU, or nothing on a CPU."""
+    return {"device_ids": [device.index], "output_device": device.index} if device.type == "cuda" else {}
+
+
+def gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj`` in rank order (``[obj]`` for a single process). Collective: every rank calls it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cuda_capability(device: str | torch.device | None = None) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device (Ampere is 8.0); None off CUDA or when it cannot say."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda":
+        return None
+    try:
+        major, minor = torch.cuda.get_device_capability(dev)
+    except (AssertionError, RuntimeError):
+        return None
+    return int(major), int(minor)

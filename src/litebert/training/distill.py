@@ -74,8 +74,8 @@ from ..heads import (
     from_pretrained,
 )
 from ..recipe import build, resolve, save_yaml
-from ..runtime import resolve_precision
-from .loop import TrainConfig, autocast, init_distributed, is_main_process, train
+from .accel import autocast_for, training_precision
+from .loop import TrainConfig, init_distributed, is_main_process, train
 
 log = logging.getLogger(__name__)
 
@@ -670,8 +670,8 @@ def _length_order(features: Sequence[dict[str, Any]]) -> list[int]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int = 64, bf16: bool = False,
-                   pad_token_id: int = 0) -> np.ndarray:
+def predict_logits(model: nn.Module, features: Sequence[dict[str, Any]], batch_size: int = 64,
+                   precision: str = "fp32", pad_token_id: int = 0) -> np.ndarray:
     """(N, C) float32 logits of a classifier over task features, in their order. Batches by length (little
     padding); the model runs in eval mode."""
     from ..data.tasks import collate_features
@@ -685,7 +685,7 @@ def predict_logits(model: nn.Module, features: Sequence[dict[str, Any]], batch_s
         idx = order[start:start + batch_size]
         batch = collate_features([features[i] for i in idx], pad_token_id=pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with autocast(bf16, device):
+        with autocast_for(precision, device):
             logits = forward_parts(model, batch)["logits"].float().cpu().numpy()
         if out is None:
             out = np.zeros((len(features), logits.shape[-1]), dtype=np.float32)
@@ -695,11 +695,11 @@ def predict_logits(model: nn.Module, features: Sequence[dict[str, Any]], batch_s
 
 
 def cached_teacher_logits(teacher: nn.Module, features: Sequence[dict[str, Any]], cache_dir: str | Path,
-                          batch_size: int = 64, bf16: bool = False, pad_token_id: int = 0) -> np.ndarray:
+                          batch_size: int = 64, precision: str = "fp32", pad_token_id: int = 0) -> np.ndarray:
     """The teacher's (N, C) logits on ``features``, computed once and kept in ``cache_dir`` as
     ``teacher-logits-{fingerprint}.npy`` keyed by the teacher's weights and the input ids (written atomically)."""
     key = _fingerprint(teacher, [f["input_ids"] for f in features], [f.get("token_type_ids") for f in features],
-                       {"bf16": bf16})
+                       {"precision": precision})
     path = Path(cache_dir) / f"teacher-logits-{key}.npy"
     if path.exists():
         logits = np.load(path)
@@ -707,7 +707,7 @@ def cached_teacher_logits(teacher: nn.Module, features: Sequence[dict[str, Any]]
             log.info("teacher logits: read %s", path)
             return logits
     started = time.perf_counter()
-    logits = predict_logits(teacher, features, batch_size, bf16, pad_token_id)
+    logits = predict_logits(teacher, features, batch_size, precision, pad_token_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -810,7 +810,7 @@ def classification_evaluator(features: Sequence[dict[str, Any]], batch_size: int
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         student = getattr(model, "student", model)
-        logits = predict_logits(student, features, batch_size, bf16=False, pad_token_id=pad_token_id)
+        logits = predict_logits(student, features, batch_size, pad_token_id=pad_token_id)
         nll = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
         return {"accuracy": float((logits.argmax(-1) == labels).mean()), "loss": nll}
 
@@ -965,7 +965,7 @@ def run_distillation(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, A
         use_cache = recipe["distill"]["cache_teacher_logits"] and loss_cfg.kl and not loss_cfg.needs_teacher_states
         if use_cache:
             teacher_logits = cached_teacher_logits(teacher, train_f, cache, recipe["task"]["eval_batch_size"],
-                                                   bf16=resolve_precision(train_cfg.precision, warn=False) == "bf16",
+                                                   training_precision(train_cfg.precision, next(teacher.parameters()).device),
                                                    pad_token_id=tokenizer.pad_token_id)
         teacher_online = (loss_cfg.kl and not use_cache) or loss_cfg.needs_teacher_states
         loader = _task_loader(train_f, train_cfg.batch_size, tokenizer.pad_token_id, train_cfg.seed, teacher_logits,

@@ -77,7 +77,8 @@ from ..heads import from_pretrained, model_class_for
 from ..recipe import build, resolve, save_yaml
 from ..runtime import PRECISIONS, hardware, resolve_precision
 from ..tokenizer import LiteTokenizer, load_tokenizer
-from .loop import TrainConfig, autocast, init_distributed, is_main_process, train
+from .accel import autocast_for, training_precision
+from .loop import TrainConfig, init_distributed, is_main_process, train
 
 log = logging.getLogger(__name__)
 
@@ -609,7 +610,7 @@ def run_finetune(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     if features["test"]:
         model.eval()
         device = next(model.parameters()).device
-        with autocast(resolve_precision(cfg.precision, device, warn=False) == "bf16", device):
+        with autocast_for(training_precision(cfg.precision, device), device):
             test = score(model, spec, splits.test, features["test"], id2label, data, eval_batch_size, pad_id)
         summary.update({f"test_{k}": v for k, v in _scalars(test).items()})
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -699,7 +700,7 @@ def evaluate_main(argv: list[str]) -> int:
     model.to(device).eval()
     start = time.perf_counter()
     precision = args.precision if args.bf16 is None else ("auto" if args.bf16 else "fp32")  # --[no-]bf16: old flag
-    with autocast(resolve_precision(precision, device) == "bf16", device):
+    with autocast_for(resolve_precision(precision, device), device):
         result = score(model, spec, examples, features, id2label, data, args.batch_size, tokenizer.pad_token_id)
     print(json.dumps({"task": task, "data": str(path), "n_examples": len(examples), **result,
                       "seconds": round(time.perf_counter() - start, 2)}))

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,17 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_weights_into
 from ..config import ConfigError
-from ..runtime import PRECISIONS, resolve_precision
+from ..runtime import collective_device, ddp_device_args, gather_object, setup_process
+from .accel import (
+    SWITCHES,
+    TRAIN_PRECISIONS,
+    apply_tf32,
+    autocast_for,
+    grad_scaler,
+    prepare_model,
+    resolve_accel,
+    switch,
+)
 from .optim import build_optimizer, build_scheduler
 from .state import (
     _recover_strays,
@@ -40,6 +49,8 @@ from .state import (
     latest_checkpoint,
     load_training_state,
     prune_checkpoints,
+    rank_state,
+    reseed,
     restore_rng,
     rng_state,
     save_training_state,
@@ -70,7 +81,9 @@ class TrainConfig:
     power: float = 1.0
     layer_decay: float | None = None
     clip_grad_norm: float | None = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16; auto = bf16 where the hardware runs it natively, else fp32
+    # auto | fp32 | bf16 | fp16: auto = bf16 where the hardware runs it natively (fp16 + a gradient scaler on CUDA GPUs
+    # without bf16), else fp32
+    precision: str = "auto"
     seed: int = 42
     log_every: int = 10
     eval_every: int = 100
@@ -83,6 +96,12 @@ class TrainConfig:
     metric_for_best: str | None = None  # an evaluation metric (e.g. "accuracy"); OUT/best/ keeps the model at its best
     greater_is_better: bool | None = None  # default: False for names with loss/mse/perplexity in them, else True
     early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    # GPU-user switches, each auto / true / false (litebert.training.accel says what auto picks).
+    tf32: str | bool = "auto"
+    fused_optimizer: str | bool = "auto"
+    pin_memory: str | bool = "auto"
+    compile: str | bool = "auto"
+    activation_checkpointing: str | bool = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every",
@@ -91,8 +110,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in ("auto", *TRAIN_PRECISIONS):
+            raise ConfigError(f"train.precision must be one of auto, {', '.join(TRAIN_PRECISIONS)}, got "
+                              f"{self.precision!r}")
         if self.optimizer not in ("adamw", "lamb"):
             raise ConfigError(f"train.optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -102,6 +122,8 @@ class TrainConfig:
                 raise ConfigError(f"train.early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
             if not self.metric_for_best:
                 raise ConfigError("train.early_stopping_patience needs train.metric_for_best (the metric to watch)")
+        for name in SWITCHES:
+            switch(getattr(self, name), name)
 
     @property
     def warmup(self) -> int:
@@ -141,11 +163,10 @@ class BestTracker:
 
 # -- distributed ------------------------------------------------------------------------------------------------
 def init_distributed() -> tuple[int, int]:
-    """(rank, world_size). Under torchrun, joins the process group: gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    """(rank, world_size). Under torchrun, selects this process's GPU and joins the process group (nccl on GPUs,
+    gloo on CPUs): see ``litebert.runtime.setup_process``."""
+    proc = setup_process()
+    return proc.rank, proc.world_size
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -160,16 +181,9 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     if not dist.is_initialized() or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64).to(collective_device())
     dist.all_reduce(t)
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
-def autocast(enabled: bool, device: torch.device):
-    """bf16 autocast when ``enabled`` (``resolve_precision`` decides where that pays), else a no-op."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # -- metrics files ----------------------------------------------------------------------------------------------
@@ -289,17 +303,24 @@ def train(
     step and the evaluation of the best model.
     """
     out_dir = Path(out_dir)
-    rank, world = init_distributed()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    proc = setup_process(device)
+    rank, world, device = proc.rank, proc.world_size, proc.device
+    accel = resolve_accel(cfg, device, cfg.precision, getattr(model, "config", None))
+    if device.type == "cuda":
+        apply_tf32(accel.tf32)
+    if rank == 0:
+        log.info("training on %s (%d process%s): %s", device, world, "es" if world > 1 else "", accel.describe())
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed + rank)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    core = model.to(device)
+    core = prepare_model(model.to(device), accel)
     optimizer = build_optimizer(core, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps,
                                 layer_decay=cfg.layer_decay,
-                                num_layers=getattr(getattr(core, "config", None), "num_hidden_layers", None))
+                                num_layers=getattr(getattr(core, "config", None), "num_hidden_layers", None),
+                                fused=accel.fused_optimizer)
+    scaler = grad_scaler(accel.precision, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup, cfg.max_steps, power=cfg.power)
     # Whatever knows the data position: a loader that tracks it (with workers), else its dataset.
     dataset = loader if hasattr(loader, "state_dict") else getattr(loader, "dataset", None)
@@ -316,19 +337,29 @@ def train(
         core.load_state_dict(state["model_state"], strict=False)
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
-        if state["data_state"] and hasattr(dataset, "load_state_dict"):
-            dataset.load_state_dict(state["data_state"])
-        restore_rng(state["rng"])
+        mine = rank_state(state, rank, world)  # each rank continues its own data position and random streams
+        data_state = mine["data_state"] if mine is not None else state["data_state"]
+        if data_state and hasattr(dataset, "load_state_dict"):
+            dataset.load_state_dict(data_state)
         step = state["step"]
+        if mine is not None:
+            restore_rng(mine["rng"])
+        else:
+            reseed(cfg.seed, rank, step)
+            if rank == 0:
+                log.warning("%s was saved by a job of another size: the ranks start fresh random streams, so this "
+                            "run does not continue the saved one exactly", ckpt)
+        if state["extra"].get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["extra"]["scaler"])
         if state["extra"].get("best"):
             best = BestTracker(**state["extra"]["best"])
         if rank == 0:
             log.warning("resuming from %s (step %d)", ckpt, step)
 
-    ddp = world > 1
-    train_model = nn.parallel.DistributedDataParallel(core) if ddp else core
+    ddp = proc.backend is not None  # a torchrun job, even of one process: the same path as many
+    train_model = nn.parallel.DistributedDataParallel(core, **ddp_device_args(device)) if ddp else core
     metrics = MetricsWriter(out_dir, step, cfg.tensorboard)
-    use_bf16 = resolve_precision(cfg.precision, device, warn=rank == 0) == "bf16"
+    precision = accel.precision
     progress = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -339,10 +370,13 @@ def train(
         return dataset.state_dict() if hasattr(dataset, "state_dict") else {}
 
     def checkpoint(data_state: dict[str, Any] | None = None) -> None:
+        data_state = data_position() if data_state is None else data_state
+        # Rank 0 writes every rank's random streams and data position, so each rank resumes its own.
+        ranks = gather_object({"rng": rng_state(), "data_state": data_state})
         if rank == 0:
-            data_state = data_position() if data_state is None else data_state
+            extra = {"best": asdict(best), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
             save_training_state(checkpoint_dir(out_dir, step), model_state=core.state_dict(), optimizer=optimizer,
-                                scheduler=scheduler, step=step, data_state=data_state, extra={"best": asdict(best)})
+                                scheduler=scheduler, step=step, data_state=data_state, extra=extra, rank_states=ranks)
             prune_checkpoints(out_dir, cfg.keep_checkpoints)
         if ddp:
             dist.barrier()
@@ -351,7 +385,7 @@ def train(
         if evaluate is None:
             return {}
         train_model.eval()
-        with torch.no_grad(), autocast(use_bf16, device):
+        with torch.no_grad(), autocast_for(precision, device):
             result = _all_reduce_mean(evaluate(core))
         train_model.train()
         metrics.write(step, {f"eval_{k}": v for k, v in result.items()})
@@ -384,22 +418,26 @@ def train(
             # Where this step starts (data position, RNG): an interruption mid-step resumes from here exactly.
             step_start = (data_position(), rng_state())
             for micro in range(cfg.grad_accum):
-                batch = _to_device(next(batches), device)
+                batch = next(batches)
+                # Counted before the copy: on a GPU, reading the count back would wait for the copy.
+                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                batch = _to_device(batch, device)
                 sync = not ddp or micro == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(use_bf16, device):
+                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast_for(precision, device):
                     out = objective(train_model, batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step + 1}: {loss.item()}")
-                (loss / cfg.grad_accum).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()
                 for k, v in out.items():
                     if isinstance(v, Tensor) and v.numel() == 1:
                         window[k] = window.get(k, 0.0) + v.item() / cfg.grad_accum
-                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
             grad_norm = None
             if cfg.clip_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.clip_grad_norm))
-            optimizer.step()
+            scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -440,6 +478,7 @@ def train(
         checkpoint()
     metrics.close()
     summary = {"step": step, "stopped_by": stopped_by, "train_seconds": round(time.perf_counter() - start, 1),
+               "device": str(device), "world_size": world, "precision": precision,
                **{f"eval_{k}": v for k, v in last_eval.items()}}
     if cfg.metric_for_best and best.step is not None:
         summary.update(best_step=best.step, best_metric=cfg.metric_for_best,

@@ -188,11 +188,13 @@ def build_optimizer(
     eps: float = 1e-6,
     layer_decay: float | None = None,
     num_layers: int | None = None,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW or LAMB over ``param_groups(model, ...)`` (no decay on biases/norms, optional LLRD)."""
+    """AdamW or LAMB over ``param_groups(model, ...)`` (no decay on biases/norms, optional LLRD). ``fused``: AdamW's
+    one-kernel update (for CUDA; LAMB has none)."""
     groups = param_groups(model, weight_decay, lr, layer_decay=layer_decay, num_layers=num_layers)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=False)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}")

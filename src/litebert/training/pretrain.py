@@ -29,7 +29,9 @@ from ..data.corpus import expand_paths
 from ..data.pretraining import PretrainingConfig, build_pretraining_loader
 from ..heads import EncoderForMaskedLM, EncoderForPreTraining, from_pretrained
 from ..recipe import build, resolve, save_yaml
+from ..runtime import current_process
 from ..tokenizer import LiteTokenizer, load_tokenizer, train_tokenizer
+from .accel import pin_memory
 from .loop import TrainConfig, init_distributed, train
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,9 @@ def make_evaluator(batches: list[dict[str, Tensor]]):
     def evaluate(model: nn.Module) -> dict[str, float]:
         correct = total = sop_correct = sop_total = 0
         nll = 0.0
+        device = next(model.parameters()).device
         for batch in batches:
-            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
             sop = inputs.pop("sentence_order_label", None)
             out = model.encoder(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
             labels = inputs["labels"]
@@ -159,8 +162,10 @@ def run_pretraining(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, An
         log.info("%s: %.2fM parameters", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
 
     cache = Path(cache_dir) if cache_dir else out_dir / "cache"
+    pin = pin_memory(train_cfg.pin_memory, current_process().device)
     loader = build_pretraining_loader(train_files, tokenizer, ex_cfg, batch_size=train_cfg.batch_size, rank=rank,
-                                      world_size=world, num_workers=num_workers, cache_dir=cache, drop_last=True)
+                                      world_size=world, num_workers=num_workers, cache_dir=cache, drop_last=True,
+                                      pin_memory=pin)
     if not val_files:
         log.warning("data.validation is empty: evaluating on training text (figures will be optimistic)")
     eval_cfg = dataclasses.replace(ex_cfg, dynamic_masking=False, shuffle_buffer=0, seed=ex_cfg.seed + 1)

@@ -9,7 +9,8 @@ a directory without a valid manifest is never loaded.
 Layout::
 
     model.safetensors    model tensors (tied tensors stored as separate copies)
-    trainer_state.pt     optimizer, scheduler, RNG states; loads with torch.load(weights_only=True)
+    trainer_state.pt     optimizer, scheduler, RNG states (one per rank under torchrun, with each rank's data
+                         position); loads with torch.load(weights_only=True)
     trainer_state.json   step, data_state, extra (human-readable)
     COMPLETE             manifest, written last
 """
@@ -23,7 +24,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ __all__ = [
     "latest_checkpoint",
     "load_training_state",
     "prune_checkpoints",
+    "rank_state",
+    "reseed",
     "restore_rng",
     "rng_state",
     "save_training_state",
@@ -225,6 +228,14 @@ def restore_rng(state: Mapping[str, Any] | None) -> None:
         torch.cuda.set_rng_state(rng["cuda"].cpu())
 
 
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Fresh random streams, distinct per rank and step, for a resumed rank that cannot continue its saved ones."""
+    value = (seed * 1_000_003 + step) * 1009 + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
 # --------------------------------------------------------------------------- save / load
 
 
@@ -257,11 +268,13 @@ def write_training_state(
     data_state: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     rng: bool = True,
+    rank_states: Sequence[Mapping[str, Any]] | None = None,
 ) -> None:
     """Write the training-state files into an existing directory (use inside ``atomic_save_dir``).
 
     ``optimizer``/``scheduler`` are objects with ``state_dict()`` or state dicts. ``data_state`` and
-    ``extra`` must be JSON-serializable (tuples come back as lists).
+    ``extra`` must be JSON-serializable (tuples come back as lists). ``rank_states``: under torchrun, every
+    rank's ``{"rng": rng_state(), "data_state": ...}`` in rank order (see :func:`rank_state`).
     """
     directory = Path(directory)
     payload = json.dumps({"step": int(step), "data_state": dict(data_state or {}), "extra": dict(extra or {})},
@@ -269,7 +282,8 @@ def write_training_state(
     safetensors.torch.save_file(_untie(model_state), str(directory / MODEL_FILE), metadata={"format": "pt"})
     torch.save(
         {"step": int(step), "optimizer": _state_dict(optimizer), "scheduler": _state_dict(scheduler),
-         "rng": rng_state() if rng else None},
+         "rng": rng_state() if rng else None,
+         "ranks": [dict(r) for r in rank_states] if rank_states is not None else None},
         directory / STATE_FILE,
     )
     (directory / JSON_FILE).write_text(payload + "\n")
@@ -285,11 +299,12 @@ def save_training_state(
     data_state: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     rng: bool = True,
+    rank_states: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Atomically write a resumable checkpoint to ``directory`` (replacing one already there)."""
     with atomic_save_dir(directory) as tmp:
         write_training_state(tmp, model_state=model_state, optimizer=optimizer, scheduler=scheduler, step=step,
-                             data_state=data_state, extra=extra, rng=rng)
+                             data_state=data_state, extra=extra, rng=rng, rank_states=rank_states)
     return Path(directory)
 
 
@@ -298,7 +313,7 @@ def load_training_state(
 ) -> dict[str, Any]:
     """Load a checkpoint written by ``save_training_state``; refuses directories that are not sealed.
 
-    Returns ``model_state, optimizer_state, scheduler_state, step, data_state, extra, rng``. The RNG is
+    Returns ``model_state, optimizer_state, scheduler_state, step, data_state, extra, rng, ranks``. The RNG is
     not touched; call ``restore_rng(state)`` for that. Pickled objects other than tensors and plain
     containers are refused (``torch.load(weights_only=True)``).
     """
@@ -316,7 +331,20 @@ def load_training_state(
         "data_state": meta["data_state"],
         "extra": meta["extra"],
         "rng": blob["rng"],
+        "ranks": blob.get("ranks"),
     }
+
+
+def rank_state(state: Mapping[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """This rank's ``{"rng", "data_state"}`` from ``load_training_state`` output, when the checkpoint holds one
+    per rank of a job of the same size (or is a single process's, resumed by a single process); else None: the
+    ranks of a job of another size cannot continue the saved streams exactly."""
+    ranks = state.get("ranks")
+    if ranks is not None and len(ranks) == world_size:
+        return dict(ranks[rank])
+    if ranks is None and world_size == 1 and state.get("rng") is not None:
+        return {"rng": state["rng"], "data_state": state.get("data_state") or {}}
+    return None
 
 
 # --------------------------------------------------------------------------- run directories
