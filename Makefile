@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The slow tier: subprocess, torchrun, server-load and bench checks, then the inference tests once more with the
+# whole process on the AVX2 class (the probe answers for it and oneDNN / ATen are capped at AVX2 kernels).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+	LITEBERT_CPU=avx2 $(PY) -m pytest -q tests/test_hardware.py tests/test_models.py tests/test_pipeline.py tests/test_export.py
 
 demo: $(STAMP)
 	bash scripts/demo.sh
