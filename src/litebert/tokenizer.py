@@ -528,10 +528,15 @@ _LOOKUP_ORDER = ("tokenizer.json", "vocab.txt", "spiece.model")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
+    from .config import ConfigError, read_json_file
+
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_file(path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings, got {type(config).__name__}")
+    return config
 
 
 def _special(config: dict[str, Any], role: str, default: str) -> str:
@@ -615,7 +620,13 @@ def load_tokenizer(path: PathLike) -> LiteTokenizer:
 
     config = _read_config(path.parent)
     if path.suffix == ".json":
-        return LiteTokenizer(Tokenizer.from_file(str(path)))
+        from .config import ConfigError, read_json_file
+
+        read_json_file(path, "tokenizer JSON")  # names the file and line for a torn or hand-edited file
+        try:
+            return LiteTokenizer(Tokenizer.from_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exception for every malformed field
+            raise ConfigError(f"{path}: not a tokenizers tokenizer.json ({str(e)[:200]})") from None
     if path.suffix == ".txt":
         return _load_vocab_txt(path, config)
     if path.suffix == ".model":

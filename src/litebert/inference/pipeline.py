@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import resolve_model_dir
-from ..data.tasks import QAExample, postprocess_qa, prepare_qa_features
+from ..config import read_json_file
+from ..data.tasks import QAExample, postprocess_qa, prepare_qa_features, text_lines
 from ..heads import (
     EncoderForMaskedLM,
     EncoderForMultipleChoice,
@@ -502,7 +503,7 @@ def task_for_model(model: nn.Module | str | Path) -> str:
     encoder -> feature-extraction."""
     if isinstance(model, nn.Module):
         return _task_of_class(type(model))
-    config_json = json.loads((resolve_model_dir(model) / "config.json").read_text())
+    config_json = read_json_file(resolve_model_dir(model) / "config.json")
     return _task_of_class(model_class_for(config_json))
 
 
@@ -559,23 +560,22 @@ def read_inputs(path: str | Path) -> list[tuple[int, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     records: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if path.suffix.lower() in _TEXT_SUFFIXES:
-                records.append((lineno, line))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); inputs other than .txt are read as JSON "
-                                 f"Lines, one object per line") from None
-            if not isinstance(obj, dict):
-                raise _bad_input(f"{path}:{lineno}: expected a JSON object such as {{\"text\": ...}} or "
-                                 f"{{\"question\": ..., \"context\": ...}}, got {line.strip()[:80]}")
-            records.append((lineno, obj))
+    for lineno, raw in enumerate(text_lines(path), start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if path.suffix.lower() in _TEXT_SUFFIXES:
+            records.append((lineno, line))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); inputs other than .txt are read as JSON "
+                             f"Lines, one object per line") from None
+        if not isinstance(obj, dict):
+            raise _bad_input(f"{path}:{lineno}: expected a JSON object such as {{\"text\": ...}} or "
+                             f"{{\"question\": ..., \"context\": ...}}, got {line.strip()[:80]}")
+        records.append((lineno, obj))
     return records
 
 
