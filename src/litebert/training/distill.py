@@ -73,8 +73,9 @@ from ..heads import (
     EncoderForSequenceClassification,
     from_pretrained,
 )
-from ..recipe import build, resolve, save_yaml
+from ..recipe import build, resolve
 from .loop import TrainConfig, autocast, init_distributed, is_main_process, train
+from .rundir import claim_run, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -930,8 +931,7 @@ def run_distillation(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, A
     student, layer_map = build_student(teacher, student_section, head, vocab_size=vocab_for_student)
     recipe["student"]["layer_map"] = layer_map
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(recipe, out_dir / "run.yaml")
+        claim_run(out_dir, recipe, train_cfg.resume)
         log.info("teacher %s (%.2fM parameters) -> student %s, %d layers, layer map %s (%.2fM parameters)",
                  type(teacher).__name__, sum(p.numel() for p in teacher.parameters()) / 1e6,
                  student.config.model_type, student.config.num_hidden_layers, layer_map,
@@ -1009,6 +1009,8 @@ def run_distillation(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, A
                                          label2id if mode == "task" else None, evaluate)
         (out_dir / "metrics.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "report"},
                                                          indent=2) + "\n")
+    if rank == 0:
+        release_lock(out_dir)
     return summary
 
 

@@ -54,7 +54,7 @@ from ..checkpoint import (
     read_weights,
     resolve_model_dir,
 )
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, read_json_file
 from ..data.tasks import (
     MCExample,
     QAExample,
@@ -76,9 +76,10 @@ from ..data.tasks import (
 )
 from ..evaluation import accuracy, entity_f1, f1_score, matthews_corrcoef, pearson, spearman, squad_scores
 from ..heads import from_pretrained, model_class_for
-from ..recipe import build, resolve, save_yaml
+from ..recipe import build, resolve
 from ..tokenizer import LiteTokenizer, load_tokenizer
 from .loop import TrainConfig, autocast, init_distributed, is_main_process, train
+from .rundir import claim_run, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +464,7 @@ def load_for_training(model_dir: Path, spec: TaskSpec, config_changes: dict[str,
     try:
         if not drop_head:
             return from_pretrained(str(model_dir), task=spec.head, **config_changes)
-        raw = json.loads((model_dir / "config.json").read_text())
+        raw = read_json_file(model_dir / "config.json")
         config = load_config(model_dir).replace(**config_changes)
         model = model_class_for(raw, spec.head)._build(config)
         sd = {k: v for k, v in read_weights(model_dir).items() if k.split(".")[0] not in _HEAD_MODULES}
@@ -608,8 +609,7 @@ def run_finetune(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model = load_for_training(model_dir, spec, config_changes, drop_head)
     if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(recipe, out_dir / "run.yaml")
+        claim_run(out_dir, recipe, cfg.resume)
         for name in splits.carved:
             (out_dir / "data").mkdir(exist_ok=True)
             path = spec.write(getattr(splits, name), out_dir / "data" / name, data)
@@ -642,6 +642,7 @@ def run_finetune(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     if is_main_process():
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        release_lock(out_dir)
     return summary
 
 

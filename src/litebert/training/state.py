@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -37,6 +38,7 @@ __all__ = [
     "checkpoint_dir",
     "is_complete",
     "latest_checkpoint",
+    "load_latest_good",
     "load_training_state",
     "prune_checkpoints",
     "restore_rng",
@@ -349,6 +351,26 @@ def latest_checkpoint(run_dir: str | os.PathLike, cleanup: bool = True) -> Path 
     """
     found = _complete_checkpoints(run_dir, cleanup)
     return found[-1][1] if found else None
+
+
+def load_latest_good(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+                      ) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that passes full verification (sha256 of every file) and loads, with its state.
+
+    A sealed checkpoint whose files were altered afterwards (bit rot, a disk that lied about a flush, a hand edit)
+    is renamed ``step-N.corrupt`` (kept for inspection, never picked again) and the previous one is tried."""
+    for _, path in reversed(_complete_checkpoints(run_dir, cleanup=True)):
+        try:
+            return path, load_training_state(path, map_location=map_location)
+        except Exception as e:  # noqa: BLE001 - whatever fails to verify or parse, the older checkpoint may not
+            corrupt = path.with_name(path.name + ".corrupt")
+            logging.getLogger(__name__).warning("%s fails verification (%s); moved to %s, falling back to the "
+                                                "previous checkpoint", path, str(e)[:200], corrupt.name)
+            with contextlib.suppress(OSError):
+                if corrupt.exists():
+                    shutil.rmtree(corrupt)
+                os.replace(path, corrupt)
+    return None, None
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
