@@ -487,6 +487,32 @@ class DataSplits(NamedTuple):
     test: list[Any]
 
 
+def _labels_of(example: Any) -> set[str]:
+    tags = getattr(example, "tags", None)
+    if tags is not None:
+        return set(tags)
+    label = getattr(example, "label", None)
+    return set() if label is None or isinstance(label, float) else {str(label)}
+
+
+def _keep_rare_labels_in_training(examples: Sequence[Any], test: list[int], validation: list[int]
+                                  ) -> tuple[list[int], list[int]]:
+    held = set(test) | set(validation)
+    trained: set[str] = set()
+    for i, ex in enumerate(examples):
+        if i not in held:
+            trained |= _labels_of(ex)
+    moved = set()
+    for i in sorted(held):
+        labels = _labels_of(examples[i])
+        if labels - trained:
+            moved.add(i)
+            trained |= labels
+    if moved:
+        logger.info("split: %d held-out example(s) moved to training: their labels occur nowhere else", len(moved))
+    return [i for i in test if i not in moved], [i for i in validation if i not in moved]
+
+
 def split_train_test(examples: Sequence[Any], test_fraction: float, seed: int = 0,
                      validation_fraction: float = 0.0, stratify: bool = True) -> DataSplits:
     """Split a dataset that ships as one file into train / validation / test, stratified by label.
@@ -516,6 +542,9 @@ def split_train_test(examples: Sequence[Any], test_fraction: float, seed: int = 
         test += idx[:n_test]
         # Validation comes from the far end: growing validation_fraction never moves rows in or out of test.
         validation += idx[len(idx) - n_val:] if n_val else []
+    # A label (or BIO tag) seen only in held-out rows could never be learned, and its id would be unknown to the
+    # head built from the training labels: such rows go back to training, so every label is trained on.
+    test, validation = _keep_rare_labels_in_training(examples, test, validation)
     taken = set(test) | set(validation)
     return DataSplits(
         train=[ex for i, ex in enumerate(examples) if i not in taken],

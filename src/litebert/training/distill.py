@@ -1024,6 +1024,16 @@ def _ablation_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+def report_seq_len(wanted: int, *models: nn.Module) -> int:
+    """The report's timing length, clamped to the shortest position table: a student with fewer positions than
+    ``report.seq_len`` cannot run that input at all, and the run it reports on has already finished."""
+    limit = min(m.config.max_position_embeddings for m in models)
+    if wanted > limit:
+        log.warning("report.seq_len %d exceeds a model's max_position_embeddings (%d); timing at %d", wanted, limit,
+                    limit)
+    return min(wanted, limit)
+
+
 def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teacher_path: str, student: nn.Module,
                  mode: str, test_ex: list | None, tokenizer: Any, label2id: dict[str, int] | None,
                  evaluate: Any) -> dict[str, Any]:
@@ -1061,10 +1071,11 @@ def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teac
     if mode == "general":  # what gets deployed downstream is the encoder; the vocabulary projection is not
         models = {k: _encoder(m) for k, m in models.items()}
     teacher_dir = Path(teacher_path)
+    seq_len = report_seq_len(section["seq_len"], teacher, student)
     report = report_mod.compression_report(
         models, model_dirs={"teacher": teacher_dir, "student": out_dir / "final"}, scores=scores, metric=metric,
         ablation={"hard labels only (no distillation)": ablation_score} if ablation_score is not None else None,
-        batch_sizes=section["batch_sizes"], seq_len=section["seq_len"], repeats=section["repeats"],
+        batch_sizes=section["batch_sizes"], seq_len=seq_len, repeats=section["repeats"],
         bf16=section["bf16"], vocab_size=tokenizer.vocab_size,
         details={"mode": mode, "teacher": str(teacher_path), "student": f"{student.config.model_type}, "
                  f"{student.config.num_hidden_layers} layers", "layer_map": recipe["student"]["layer_map"],
