@@ -170,17 +170,18 @@ def autocast(enabled: bool, device: torch.device):
 
 # -- metrics files ----------------------------------------------------------------------------------------------
 class MetricsWriter:
-    """``metrics.jsonl`` (one object per log/eval step) and optional TensorBoard events. Rank 0 only."""
+    """``metrics.jsonl`` (one object per log/eval step) and optional TensorBoard events. Rank 0 writes; every rank
+    reads what was logged up to the resumed step (they must agree on whether the last evaluation is done)."""
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool):
         self.path = out_dir / "metrics.jsonl"
         self.enabled = is_main_process()
         self.tb = None
+        # Rank 0 replaces the file atomically with these same rows, so other ranks read the same either way.
+        self.kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
         if not self.enabled:
             return
-        self.kept: list[dict[str, Any]] = []
         if self.path.exists():  # a resumed run drops what was logged after its checkpoint
-            self.kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
             os.replace(tmp, self.path)

@@ -360,16 +360,17 @@ def load_latest_good(run_dir: str | os.PathLike, map_location: str | torch.devic
     A sealed checkpoint whose files were altered afterwards (bit rot, a disk that lied about a flush, a hand edit)
     is renamed ``step-N.corrupt`` (kept for inspection, never picked again) and the previous one is tried."""
     for _, path in reversed(_complete_checkpoints(run_dir, cleanup=True)):
-        try:
-            return path, load_training_state(path, map_location=map_location)
-        except Exception as e:  # noqa: BLE001 - whatever fails to verify or parse, the older checkpoint may not
-            corrupt = path.with_name(path.name + ".corrupt")
-            logging.getLogger(__name__).warning("%s fails verification (%s); moved to %s, falling back to the "
-                                                "previous checkpoint", path, str(e)[:200], corrupt.name)
-            with contextlib.suppress(OSError):
-                if corrupt.exists():
-                    shutil.rmtree(corrupt)
-                os.replace(path, corrupt)
+        # Only files that no longer match their manifest count as corrupt: a checkpoint that verifies but fails to
+        # load (another torch, no memory) is an error to see, not a reason to discard it.
+        if is_complete(path, verify_hashes=True):
+            return path, load_training_state(path, map_location=map_location, verify_hashes=False)
+        corrupt = path.with_name(path.name + ".corrupt")
+        logging.getLogger(__name__).warning("%s fails its sha256 check; moved to %s, falling back to the previous "
+                                            "checkpoint", path, corrupt.name)
+        with contextlib.suppress(OSError):
+            if corrupt.exists():
+                shutil.rmtree(corrupt)
+            os.replace(path, corrupt)
     return None, None
 
 
