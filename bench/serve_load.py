@@ -157,6 +157,14 @@ def sentences(n: int = 2000) -> list[str]:
     return [" ".join(rng.choice(words, size=int(rng.integers(4, 40)))) for _ in range(n)]
 
 
+def fitting(texts: list[str], model: str, limit: int) -> list[str]:
+    """The texts that fit the server's token limit: a valid request must never be refused as too long."""
+    from litebert.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(model).encode_batch_plain(texts)
+    return [t for t, i in zip(texts, ids) if len(i) + 3 <= limit]  # [CLS], [SEP], and a [MASK] for fill-mask
+
+
 def make_input(task: str, text: str) -> Any:
     if task == "question-answering":
         return {"question": "What is it about?", "context": text}
@@ -412,7 +420,7 @@ def main() -> int:
         sampler = RssSampler(server)
         try:
             health = server.get("/health")
-            texts = sentences()
+            texts = fitting(sentences(), model, health["limits"]["max_seq_length"])
             bodies = [json.dumps({"inputs": [make_input(server.task, t)]}).encode() for t in texts]
             kinds = bad_requests(server, health, texts[0])
             abuse: dict[str, list[int]] = {}
