@@ -317,8 +317,8 @@ def test_a_transfer_set_adds_teacher_labelled_sentences(data, teachers, tmp_path
     assert summary["step"] == 4 and "320 train (+ 50 unlabelled transfer)" in caplog.text
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "run", "hard"))))
     # pkg: paths (a file inside an installed package) work here as in data.train.
-    recipe["task"]["transfer"] = ["pkg:litebert/../../tests/x.csv"]
-    assert distill._resolve_paths(recipe)["task"]["transfer"][0].endswith("tests/x.csv")
+    recipe["task"]["transfer"] = ["pkg:litebert/training/x.csv"]
+    assert distill._resolve_paths(recipe)["task"]["transfer"][0].endswith("litebert/training/x.csv")
     # Hard labels alone cannot use it: the ablation recipe drops it.
     assert distill._ablation_recipe(recipe)["task"]["transfer"] == []
 
