@@ -705,7 +705,7 @@ def evaluate_main(argv: list[str]) -> int:
                         help="bf16 autocast (default on: ~3-5x faster on CPUs with AMX)")
     args, rest = parser.parse_known_args(argv)
     model_dir = resolve_model_dir(resolve_path(args.model))
-    saved = json.loads((model_dir / SETTINGS_FILE).read_text()) if (model_dir / SETTINGS_FILE).exists() else {}
+    saved = read_json_file(model_dir / SETTINGS_FILE) if (model_dir / SETTINGS_FILE).exists() else {}
     task = args.task or saved.get("task")
     if not task:
         raise ConfigError(f"--task: {model_dir} does not say which task it was fine-tuned for; pass --task")
