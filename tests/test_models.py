@@ -145,7 +145,8 @@ def test_save_load_round_trip_is_exact(tmp_path, name, task, share):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == model.config.model_type
+    # Partial sharing has no transformers layout: its model_type is one transformers refuses (issue 17).
+    assert cfg["model_type"] == (model.config.model_type if share == "all" else "litebert_albert")
 
 
 PAPER_MILLIONS = {  # parameters of the bare encoder, from the papers

@@ -225,8 +225,11 @@ def test_token_classification_entities_have_character_offsets(ner_dir, tokenizer
     text = TEXTS[1]
     n_pieces = len(tokenizer.tokenize(text))
 
-    per_piece = _forced_ner(ner_dir, "B-PER")(text)  # every piece starts its own entity
+    per_piece = _forced_ner(ner_dir, "B-PER")(text, aggregation_strategy="simple")  # each piece its own entity
     assert len(per_piece) == n_pieces
+    per_word = _forced_ner(ner_dir, "B-PER")(text)  # the default groups by words: a word is never cut (issue 17)
+    words = {w for w in tokenizer.encode_words([text])[0][1] if w is not None}
+    assert len(per_word) == len(words) < n_pieces and all(text[e["start"]:e["end"]] == e["word"] for e in per_word)
     for e in per_piece:
         assert set(e) == {"entity_group", "score", "word", "start", "end"}
         assert e["entity_group"] == "PER" and text[e["start"]:e["end"]] == e["word"] and 0 < e["score"] <= 1

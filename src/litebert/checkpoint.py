@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import AlbertConfig, EncoderConfig, load_config
+from .config import AlbertConfig, EncoderConfig, load_config, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,9 @@ def read_weights(model_dir: str | Path) -> dict[str, Tensor]:
         return _load_safetensors(model_dir / "model.safetensors")
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         sd = {}
-        for shard in shards:
-            sd.update(_load_safetensors(model_dir / shard))
+        for shard in _shard_files(index):
+            sd.update(_load_safetensors(shard))
         return sd
     legacy = model_dir / "pytorch_model.bin"
     if legacy.exists():
@@ -290,6 +289,24 @@ def read_weights(model_dir: str | Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{legacy}: not a tensor state dict (non-tensor entries: {', '.join(bad[:5])})")
         return sd
     raise CheckpointError(f"{model_dir}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names; each must be a file inside the model directory."""
+    try:
+        weight_map = read_json_file(index).get("weight_map")
+    except AttributeError:
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' (a mapping of tensor names to shard files)")
+    root = index.parent.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        path = index.parent / name if isinstance(name, str) else None
+        if path is None or Path(name).is_absolute() or not path.resolve().is_relative_to(root):
+            raise CheckpointError(f"{index}: shard {name!r} is not a file inside {index.parent}")
+        shards.append(path)
+    return shards
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -326,6 +343,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def architecture_name(model: nn.Module) -> str:
     family = FAMILY_PREFIX[model.config.model_type]
+    if not _hf_compatible(model.config):
+        family = "Litebert" + family  # a name transformers does not know, like the config's model_type
     if _is_bare_encoder(model):
         return family + "Model"
     return type(model).__name__.replace("Encoder", family, 1)
@@ -359,7 +378,7 @@ def save_model(model: nn.Module, save_dir: str | Path, tokenizer: Any = None) ->
 def load_weights_into(model: nn.Module, model_dir: str | Path) -> LoadReport:
     model_dir = Path(model_dir)
     sd = read_weights(model_dir)
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = read_json_file(model_dir / "config.json")
     if raw.get("litebert_native_weights"):
         report = load_native_state_dict(model, sd)
     else:

@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"litebert {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The training loop has saved a checkpoint by now; a traceback would read as a crash.
+        print(f"litebert {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +41,110 @@ def unknown_key_error(key: str, valid: list[str] | set[str], where: str) -> Conf
     return ConfigError(f"{where}: unknown field '{key}'{hint}")
 
 
+# -- the one type check for config.json fields and recipe sections ----------------------------------------------
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split a type string on ``sep`` outside brackets: ``dict[int, str] | None`` -> ``['dict[int, str]', 'None']``."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == sep and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur.strip()]
+
+
+def _matches(value: Any, kind: str) -> bool:
+    base, _, args = kind.partition("[")
+    args = args[:-1]
+    if base in ("Any", "object") or not base:
+        return True
+    if base == "None":
+        return value is None
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if base == "str":
+        return isinstance(value, str)
+    if base in ("list", "tuple", "Sequence"):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = _split_top(args, ",")[0] if args else "Any"
+        return all(any(_matches(v, alt) for alt in _split_top(item, "|")) for v in value)
+    if base in ("dict", "Mapping"):
+        return isinstance(value, dict)
+    return True  # a type this checker does not know: the dataclass's own validation decides
+
+
+def _describe(kind: str) -> str:
+    words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
+    alts = [words.get(a, "a list" if a.startswith(("list", "tuple")) else "a mapping" if a.startswith("dict")
+                      else a) for a in _split_top(kind, "|")]
+    return " or ".join(alts)
+
+
+def check_field_types(cls: type, values: dict[str, Any], where: str) -> None:
+    """Every value of ``values`` that names a field of dataclass ``cls`` must match the field's annotation.
+
+    ``where`` prefixes the message (a file, ``config.json`` path or recipe section), so each error names the file
+    and the field: ``model/config.json: hidden_dropout_prob must be a number, got '0.1'``."""
+    types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "Any")
+             for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        kind = types.get(name)
+        if kind is None:
+            continue
+        if not any(_matches(value, alt) for alt in _split_top(kind, "|")):
+            raise ConfigError(f"{where}: {name} must be {_describe(kind)}, got {value!r}")
+
+
+def read_json_file(path: str | Path, what: str = "JSON") -> Any:
+    """Parse a JSON file; a missing, unreadable or invalid file is a ``ConfigError`` naming it (and the line)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid {what} ({e.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid {what} (nested too deeply)") from None
+
+
+_MAX_SIZE = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "num_hidden_layers": 1 << 10,
+             "num_attention_heads": 1 << 10, "intermediate_size": 1 << 18, "max_position_embeddings": 1 << 20}
+
+
+def _label_map(value: Any, where: str) -> dict[int, str]:
+    """``id2label``: a mapping of integer ids (JSON keys are strings) to label names."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: id2label must be a mapping of ids to labels, got {type(value).__name__} "
+                          f"{str(value)[:60]}")
+    out = {}
+    for k, v in value.items():
+        try:
+            key = int(k)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: id2label keys must be integer ids, got {k!r}") from None
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise ConfigError(f"{where}: id2label[{k!r}] must be a label name, got {v!r}")
+        out[key] = str(v)
+    if sorted(out) != list(range(len(out))):
+        raise ConfigError(f"{where}: id2label ids must be 0..{len(out) - 1}, got {sorted(out)[:10]}")
+    return out
+
+
 @dataclass
 class EncoderConfig:
     """Fields shared by every family. Sizes are in units (tokens, features), probabilities in [0, 1)."""
@@ -64,16 +169,21 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.id2label = _label_map(self.id2label, type(self).__name__)
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        check_field_types(type(self), dataclasses.asdict(self), type(self).__name__)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+            if value > _MAX_SIZE[name]:
+                # A typo'd size would otherwise try to allocate terabytes before anything says why.
+                raise ConfigError(f"{type(self).__name__}.{name} ({value}) is larger than any encoder this "
+                                  f"library builds (at most {_MAX_SIZE[name]})")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"{type(self).__name__}.hidden_size ({self.hidden_size}) must be divisible by "
@@ -94,6 +204,15 @@ class EncoderConfig:
             raise ConfigError(f"{type(self).__name__}.type_vocab_size must be >= 0, got {self.type_vocab_size}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"{type(self).__name__}.pad_token_id ({self.pad_token_id}) must be < vocab_size")
+        if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
+            raise ConfigError(f"{type(self).__name__}.layer_norm_eps must be a positive number, got "
+                              f"{self.layer_norm_eps!r}")
+        if not (math.isfinite(self.initializer_range) and self.initializer_range >= 0):
+            raise ConfigError(f"{type(self).__name__}.initializer_range must be a number >= 0, got "
+                              f"{self.initializer_range!r}")
+        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
+            raise ConfigError(f"{type(self).__name__}.classifier_dropout must be in [0, 1), got "
+                              f"{self.classifier_dropout!r}")
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
@@ -188,7 +307,7 @@ class AlbertConfig(EncoderConfig):
         super().validate()
         for name in ("embedding_size", "num_hidden_groups", "inner_group_num"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or value <= 0 or value > 1 << 16:
                 raise ConfigError(f"AlbertConfig.{name} must be a positive integer, got {value!r}")
         if self.num_hidden_layers % self.num_hidden_groups:
             raise ConfigError(
@@ -214,6 +333,9 @@ class AlbertConfig(EncoderConfig):
         d.pop("share")
         if self.share not in ("all", "none"):
             d["litebert_share"] = self.share
+            # transformers has no layout for partial sharing: under model_type "albert" its AutoModel would load
+            # this checkpoint with random weights and only a warning, so the type is one only litebert knows.
+            d["model_type"] = PARTIAL_SHARING_TYPE
         return d
 
     @classmethod
@@ -265,11 +387,15 @@ class DistilBertConfig(EncoderConfig):
 
 
 CONFIG_CLASSES: dict[str, type[EncoderConfig]] = {c.model_type: c for c in (BertConfig, AlbertConfig, DistilBertConfig)}
+PARTIAL_SHARING_TYPE = "litebert_albert"  # ALBERT with share: attention / ffn (no transformers equivalent)
+LITEBERT_ONLY_TYPES = {PARTIAL_SHARING_TYPE: "albert"}
 
 
 def config_from_dict(d: dict[str, Any]) -> EncoderConfig:
     """Build a config from a ``config.json`` dict (HF field names), dispatching on ``model_type``."""
-    model_type = d.get("model_type")
+    if not isinstance(d, dict):
+        raise ConfigError(f"config: expected a JSON object of fields at the top level, got {type(d).__name__}")
+    model_type = LITEBERT_ONLY_TYPES.get(d.get("model_type"), d.get("model_type"))
     if model_type not in CONFIG_CLASSES:
         raise ConfigError(f"config: model_type must be one of {sorted(CONFIG_CLASSES)}, got {model_type!r}")
     return CONFIG_CLASSES[model_type].from_hf_dict(d)
@@ -281,10 +407,7 @@ def load_config(path: str | Path) -> EncoderConfig:
         path = path / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"no config.json at {path}")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    d = read_json_file(path)
     try:
         return config_from_dict(d)
     except ConfigError as e:

@@ -330,16 +330,23 @@ def model_class_for(config_json: dict, task: str | None = None) -> type[nn.Modul
         for suffix, cls in _ARCH_SUFFIX.items():
             if arch.endswith(suffix):
                 return cls
-    return ENCODERS[config_json["model_type"]]
+    from .config import LITEBERT_ONLY_TYPES, ConfigError
+
+    model_type = config_json.get("model_type")
+    model_type = LITEBERT_ONLY_TYPES.get(model_type, model_type)
+    if model_type not in ENCODERS:
+        raise ConfigError(f"config.json: model_type must be one of {sorted(ENCODERS)}, got {model_type!r}")
+    return ENCODERS[model_type]
 
 
 def from_pretrained(name_or_path: str, task: str | None = None, **config_changes) -> nn.Module:
     """Load any litebert or ``transformers`` BERT/ALBERT/DistilBERT directory as the right model class."""
-    import json
     from pathlib import Path
 
     from .checkpoint import resolve_model_dir
+    from .config import load_config, read_json_file
 
     model_dir = resolve_model_dir(name_or_path)
-    config_json = json.loads((Path(model_dir) / "config.json").read_text())
+    load_config(model_dir)  # validates every field, naming the file, before anything is built
+    config_json = read_json_file(Path(model_dir) / "config.json")
     return model_class_for(config_json, task).from_pretrained(model_dir, **config_changes)

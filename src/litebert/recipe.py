@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, check_field_types
 
 FREE_SECTIONS = {"model"}  # validated by the encoder config itself (it names unknown fields)
 
@@ -181,6 +182,8 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
     for key in values:
         if key not in valid:
             raise ConfigError(f"{where}: unknown key '{key}'" + _suggest(key, valid))
+    # Keys whose default is None or a list escape the merge-time check; the dataclass annotation does not.
+    check_field_types(cls, values, where)
     return cls(**values)
 
 
@@ -189,4 +192,14 @@ def defaults_of(cls: type) -> dict[str, Any]:
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    """Write atomically: a resume compares the recipe with this record, so it is never left half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(yaml.safe_dump(data, sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

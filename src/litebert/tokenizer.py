@@ -225,12 +225,14 @@ class LiteTokenizer:
         return_offsets_mapping: bool = False,
         stride: int = 0,
         return_overflowing_tokens: bool = False,
+        return_word_ids: bool = False,
     ) -> dict[str, Any]:
         """Encode a text or a batch the way a `transformers` fast tokenizer does.
 
         Returns ``input_ids``, ``attention_mask`` and ``token_type_ids``, each (B, T), plus ``offset_mapping``
         (B, T, 2) in characters of the input text (special and pad tokens get (0, 0)), and
-        ``overflow_to_sample_mapping`` (B,) when asked. With ``return_overflowing_tokens`` a text longer than
+        ``overflow_to_sample_mapping`` (B,) and ``word_ids`` (B, T: the pre-tokenised word of each token, None for
+        special and pad tokens) when asked. With ``return_overflowing_tokens`` a text longer than
         ``max_length`` becomes several rows, consecutive rows sharing ``stride`` tokens; B then counts rows, not texts.
         ``padding=True`` pads to the longest row, ``"max_length"`` to ``max_length``. A single string with
         ``return_tensors=None`` gives unbatched lists.
@@ -272,6 +274,8 @@ class LiteTokenizer:
         out: dict[str, Any] = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
         if return_offsets_mapping:
             out["offset_mapping"] = []
+        if return_word_ids:
+            out["word_ids"] = []
         for row in rows:
             n_pad = max(0, target - len(row.ids))  # type: ignore[operator]
             out["input_ids"].append(row.ids + [pad_id] * n_pad)
@@ -279,10 +283,14 @@ class LiteTokenizer:
             out["token_type_ids"].append(row.type_ids + [0] * n_pad)
             if return_offsets_mapping:
                 out["offset_mapping"].append(list(row.offsets) + [(0, 0)] * n_pad)
+            if return_word_ids:
+                out["word_ids"].append(list(row.word_ids) + [None] * n_pad)
         if return_overflowing_tokens:
             out["overflow_to_sample_mapping"] = sample_of_row
 
         if return_tensors == "pt":
+            if return_word_ids:
+                raise ValueError("word_ids hold None for special tokens: use return_tensors=None with them")
             return _to_tensors(out)
         if single and not return_overflowing_tokens:
             # Same rule as transformers: one string in, one unbatched sequence out (overflow keeps the batch axis).
@@ -528,10 +536,15 @@ _LOOKUP_ORDER = ("tokenizer.json", "vocab.txt", "spiece.model")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
+    from .config import ConfigError, read_json_file
+
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_file(path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings, got {type(config).__name__}")
+    return config
 
 
 def _special(config: dict[str, Any], role: str, default: str) -> str:
@@ -615,7 +628,13 @@ def load_tokenizer(path: PathLike) -> LiteTokenizer:
 
     config = _read_config(path.parent)
     if path.suffix == ".json":
-        return LiteTokenizer(Tokenizer.from_file(str(path)))
+        from .config import ConfigError, read_json_file
+
+        read_json_file(path, "tokenizer JSON")  # names the file and line for a torn or hand-edited file
+        try:
+            return LiteTokenizer(Tokenizer.from_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exception for every malformed field
+            raise ConfigError(f"{path}: not a tokenizers tokenizer.json ({str(e)[:200]})") from None
     if path.suffix == ".txt":
         return _load_vocab_txt(path, config)
     if path.suffix == ".model":

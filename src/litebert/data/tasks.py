@@ -119,40 +119,68 @@ def _at(source: str, line: int) -> str:
     return f"{source}:{line}"
 
 
+def _not_utf8(path: PathLike, lineno: int, err: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.object[err.start]:#04x} at column "
+                      f"{err.start + 1}); save the file as UTF-8")
+
+
+def text_lines(path: PathLike) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a leading BOM dropped, line ends kept), read lazily. A line that is not UTF-8
+    is a ``ValueError`` naming the file and line, where ``open(encoding="utf-8")`` would name neither."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, lineno, err) from None
+            yield line.removeprefix("\ufeff") if lineno == 1 else line
+
+
+def read_text_file(path: PathLike) -> str:
+    """A whole UTF-8 file (BOM dropped); ``ValueError`` naming file and line when it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte "
+                         f"{data[err.start]:#04x} at column {err.start - line_start + 1}); save the file as UTF-8"
+                         ) from None
+
+
 # ---------------------------------------------------------------------------------- classification / regression
 
 
 def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, list[str] | dict[str, Any]]]:
     """(line where the record starts, header list first, then row lists) of a CSV/TSV file."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        # GLUE-style TSV files contain unbalanced quotes inside texts; only CSV uses quoting.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        start = 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as err:
-                raise ValueError(f"{_at(str(path), reader.line_num)}: malformed row ({err})") from None
-            yield start, row
-            start = reader.line_num + 1  # a quoted field may span lines: the next record starts after this one
+    # GLUE-style TSV files contain unbalanced quotes inside texts; only CSV uses quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(text_lines(path), delimiter=delimiter, quoting=quoting)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise ValueError(f"{_at(str(path), reader.line_num)}: malformed row ({err})") from None
+        yield start, row
+        start = reader.line_num + 1  # a quoted field may span lines: the next record starts after this one
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{_at(str(path), lineno)}: invalid JSON ({err.msg}); {path.suffix} files are read "
-                                 f"as JSON Lines, one object per line") from None
-            if not isinstance(obj, dict) or not obj:
-                raise ValueError(f"{_at(str(path), lineno)}: expected a non-empty JSON object, got {raw.strip()[:80]}")
-            yield lineno, obj
+    for lineno, raw in enumerate(text_lines(path), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{_at(str(path), lineno)}: invalid JSON ({err.msg}); {path.suffix} files are read "
+                             f"as JSON Lines, one object per line") from None
+        if not isinstance(obj, dict) or not obj:
+            raise ValueError(f"{_at(str(path), lineno)}: expected a non-empty JSON object, got {raw.strip()[:80]}")
+        yield lineno, obj
 
 
 def _iter_records(path: Path, delimiter: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -319,35 +347,34 @@ def read_conll(path: PathLike, token_col: int = 0, tag_col: int = -1, validate_t
             examples.append(TokenExample(tokens, tags, source, first_line))
         tokens, tags = [], []
 
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():  # WNUT separates sentences with a lone tab
-                flush()
-                continue
-            cols = line.split("\t") if "\t" in line else line.split()
-            if cols[0].strip() == _DOCSTART:
-                flush()
-                continue
-            if n_cols is None:
-                n_cols = len(cols)
-                if n_cols < 2:
-                    raise ValueError(f"{_at(source, lineno)}: expected a token and a tag, got {line!r}")
-            if len(cols) != n_cols:
-                raise ValueError(f"{_at(source, lineno)}: {len(cols)} columns, expected {n_cols} like the first "
-                                 f"token line; got {line!r}")
-            try:
-                token, tag = cols[token_col].strip(), cols[tag_col].strip()
-            except IndexError:
-                raise ValueError(f"{_at(source, lineno)}: no column {token_col} / {tag_col} in {line!r}") from None
-            if not token:
-                raise ValueError(f"{_at(source, lineno)}: empty token in {line!r}")
-            if validate_tags and not _valid_tag(tag):
-                raise ValueError(f"{_at(source, lineno)}: tag {tag!r} is not BIO (O, B-X or I-X)")
-            if not tokens:
-                first_line = lineno
-            tokens.append(token)
-            tags.append(tag)
+    for lineno, raw in enumerate(text_lines(path), start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():  # WNUT separates sentences with a lone tab
+            flush()
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if cols[0].strip() == _DOCSTART:
+            flush()
+            continue
+        if n_cols is None:
+            n_cols = len(cols)
+            if n_cols < 2:
+                raise ValueError(f"{_at(source, lineno)}: expected a token and a tag, got {line!r}")
+        if len(cols) != n_cols:
+            raise ValueError(f"{_at(source, lineno)}: {len(cols)} columns, expected {n_cols} like the first "
+                             f"token line; got {line!r}")
+        try:
+            token, tag = cols[token_col].strip(), cols[tag_col].strip()
+        except IndexError:
+            raise ValueError(f"{_at(source, lineno)}: no column {token_col} / {tag_col} in {line!r}") from None
+        if not token:
+            raise ValueError(f"{_at(source, lineno)}: empty token in {line!r}")
+        if validate_tags and not _valid_tag(tag):
+            raise ValueError(f"{_at(source, lineno)}: tag {tag!r} is not BIO (O, B-X or I-X)")
+        if not tokens:
+            first_line = lineno
+        tokens.append(token)
+        tags.append(tag)
     flush()
     if not examples:
         raise ValueError(f"{path}: no sentences")
@@ -363,7 +390,7 @@ def read_squad(path: PathLike) -> list[QAExample]:
     path = Path(path)
     source = str(path)
     try:
-        root = json.loads(path.read_text(encoding="utf-8-sig"))
+        root = json.loads(read_text_file(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{_at(source, err.lineno)}: invalid JSON ({err.msg})") from None
 
@@ -460,6 +487,32 @@ class DataSplits(NamedTuple):
     test: list[Any]
 
 
+def _labels_of(example: Any) -> set[str]:
+    tags = getattr(example, "tags", None)
+    if tags is not None:
+        return set(tags)
+    label = getattr(example, "label", None)
+    return set() if label is None or isinstance(label, float) else {str(label)}
+
+
+def _keep_rare_labels_in_training(examples: Sequence[Any], test: list[int], validation: list[int]
+                                  ) -> tuple[list[int], list[int]]:
+    held = set(test) | set(validation)
+    trained: set[str] = set()
+    for i, ex in enumerate(examples):
+        if i not in held:
+            trained |= _labels_of(ex)
+    moved = set()
+    for i in sorted(held):
+        labels = _labels_of(examples[i])
+        if labels - trained:
+            moved.add(i)
+            trained |= labels
+    if moved:
+        logger.info("split: %d held-out example(s) moved to training: their labels occur nowhere else", len(moved))
+    return [i for i in test if i not in moved], [i for i in validation if i not in moved]
+
+
 def split_train_test(examples: Sequence[Any], test_fraction: float, seed: int = 0,
                      validation_fraction: float = 0.0, stratify: bool = True) -> DataSplits:
     """Split a dataset that ships as one file into train / validation / test, stratified by label.
@@ -489,6 +542,9 @@ def split_train_test(examples: Sequence[Any], test_fraction: float, seed: int = 
         test += idx[:n_test]
         # Validation comes from the far end: growing validation_fraction never moves rows in or out of test.
         validation += idx[len(idx) - n_val:] if n_val else []
+    # A label (or BIO tag) seen only in held-out rows could never be learned, and its id would be unknown to the
+    # head built from the training labels: such rows go back to training, so every label is trained on.
+    test, validation = _keep_rare_labels_in_training(examples, test, validation)
     taken = set(test) | set(validation)
     return DataSplits(
         train=[ex for i, ex in enumerate(examples) if i not in taken],

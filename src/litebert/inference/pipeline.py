@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import resolve_model_dir
-from ..data.tasks import QAExample, postprocess_qa, prepare_qa_features
+from ..config import read_json_file
+from ..data.tasks import (
+    MCExample,
+    QAExample,
+    postprocess_qa,
+    prepare_multiple_choice_features,
+    prepare_qa_features,
+    text_lines,
+)
 from ..heads import (
     EncoderForMaskedLM,
     EncoderForMultipleChoice,
@@ -86,6 +94,50 @@ def _kind(value: Any) -> str:
     return "missing" if value is None else repr(value) if isinstance(value, str) else f"a {type(value).__name__}"
 
 
+def _int_option(low: int, high: int | None = None, extra: tuple[Any, ...] = ()) -> Any:
+    def check(self: Pipeline, name: str, value: Any) -> None:
+        if value in extra and isinstance(value, str):
+            return
+        top = high(self) if callable(high) else high
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (top is not None and value > top):
+            kind = "a positive int" if low == 1 else f"an int >= {low}"
+            bound = f" (at most {top})" if top is not None else ""
+            alt = "".join(f" or {e!r}" for e in extra)
+            raise ValueError(f"{name} must be {kind}{bound}{alt}, got {value!r}")
+    return check
+
+
+def _choice_option(*choices: Any) -> Any:
+    def check(self: Pipeline, name: str, value: Any) -> None:
+        if not isinstance(value, str) or value not in choices:
+            raise _unknown(f"option {name}", str(value)[:40], choices)
+    return check
+
+
+def _bool_option(self: Pipeline, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")  # noqa: TRY004 - a bad request, not a bug
+
+
+def _labels_option(self: Pipeline, name: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of label names, got {value!r}")
+
+
+# Call options checked before any work (a server answers 422 instead of failing mid-batch); None means the default.
+_OPTION_RULES: dict[str, Any] = {
+    "doc_stride": _int_option(0, lambda p: p.max_length - 1),
+    "max_question_length": _int_option(1, lambda p: p.max_length),
+    "max_answer_length": _int_option(1, 100_000),
+    "n_best": _int_option(1, 1000),
+    "handle_impossible_answer": _bool_option,
+    "ignore_labels": _labels_option,
+    "pooling": _choice_option("mean", "cls"),
+    "normalize": _bool_option,
+    "return_tensors": _bool_option,
+}
+
+
 def _bad_input(message: str) -> ValueError:
     # ValueError, not TypeError: a bad input line is a data error, reported with its location like every other
     # input error (the CLI turns ValueErrors into messages).
@@ -107,6 +159,7 @@ class Pipeline:
     task: ClassVar[str] = ""
     model_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     options: ClassVar[dict[str, Any]] = {}
+    option_rules: ClassVar[dict[str, Any]] = {}  # per-task checks, over the shared _OPTION_RULES
     default_max_length: ClassVar[int] = 512
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: str | torch.device = "cpu", batch_size: int = 32,
@@ -154,6 +207,7 @@ class Pipeline:
     def __call__(self, inputs: Any, **options: Any) -> Any:
         """One input -> one result; a list (or tuple) of inputs -> a list of results, in input order."""
         opts = self._options(options, self.defaults)
+        self.check_options(opts)
         single = not isinstance(inputs, (list, tuple))
         items = [inputs] if single else list(inputs)
         for i, item in enumerate(items):
@@ -181,12 +235,19 @@ class Pipeline:
             raise RuntimeError(f"{self.task} pipeline ({self.precision} on {self.device}) cannot run on this machine: "
                                f"{type(err).__name__}: {err}") from err
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """ValueError naming the option when a call option has the wrong type or range (``None``: the default)."""
+        for key, value in options.items():
+            rule = self.option_rules.get(key, _OPTION_RULES.get(key))
+            if rule is not None and value is not None:
+                rule(self, key, value)
+
     def _predict(self, items: list[Any], opts: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
     # -- shared steps ----------------------------------------------------------------------------------------------
 
-    def _encode(self, items: Sequence[Any], offsets: bool = False) -> list[dict[str, Any]]:
+    def _encode(self, items: Sequence[Any], offsets: bool = False, word_ids: bool = False) -> list[dict[str, Any]]:
         """Unpadded rows (lists) for str / ``{"text", "text_pair"}`` inputs, truncated to ``max_length``."""
         texts = [_text_of(item) for item in items]
         rows: list[dict[str, Any]] = [{}] * len(texts)
@@ -197,7 +258,8 @@ class Pipeline:
                 continue
             pairs = [texts[i][1] for i in idx] if with_pair else None
             enc = self.tokenizer([texts[i][0] for i in idx], pairs, padding=False, truncation=True,
-                                 max_length=self.max_length, return_tensors=None, return_offsets_mapping=offsets)
+                                 max_length=self.max_length, return_tensors=None, return_offsets_mapping=offsets,
+                                 **({"return_word_ids": True} if word_ids else {}))
             for j, i in enumerate(idx):
                 rows[i] = {key: values[j] for key, values in enc.items()}
         return rows
@@ -227,6 +289,7 @@ class TextClassificationPipeline(Pipeline):
     task = "text-classification"
     model_classes = (EncoderForSequenceClassification,)
     options: ClassVar[dict[str, Any]] = {"top_k": None}
+    option_rules: ClassVar[dict[str, Any]] = {"top_k": _int_option(1, None, ("all",))}
 
     def _predict(self, items: list[Any], opts: dict[str, Any]) -> list[Any]:
         top_k = opts["top_k"]
@@ -266,16 +329,22 @@ class TokenClassificationPipeline(Pipeline):
     """Inputs: a text. Output: a list of entities with character offsets into the text, ``text[start:end] ==
     word``.
 
-    ``aggregation_strategy="simple"`` (default) groups consecutive word pieces whose labels share an entity type,
-    a ``B-`` label starting a new entity: ``{"entity_group", "score" (mean over pieces), "word", "start",
-    "end"}``. ``"none"`` gives one entry per word piece: ``{"entity", "score", "index" (token position), "word",
-    "start", "end"}``. Entities (or pieces) labelled one of ``ignore_labels`` are left out. Texts longer than
+    Words are the tokenizer's pre-tokenised words (for WordPiece, punctuation is a word of its own), the units
+    fine-tuning labels. ``aggregation_strategy`` picks each word's label from its pieces, then groups consecutive
+    words whose labels share an entity type (a ``B-`` label starts a new entity) into ``{"entity_group", "score"
+    (mean over words), "word", "start", "end"}``: ``"first"`` (default) takes the first piece's label and score, as
+    fine-tuning trains it; ``"average"`` averages the pieces' probabilities; ``"max"`` takes the most confident
+    piece's label. ``"simple"`` groups pieces instead of words (a word can then be split between two entities);
+    ``"none"`` gives one entry per word piece: ``{"entity", "score", "index" (token position), "word", "start",
+    "end"}``. Entities (or pieces) labelled one of ``ignore_labels`` are left out. Texts longer than
     ``max_length`` tokens are truncated; their tail gets no entities.
     """
 
     task = "token-classification"
     model_classes = (EncoderForTokenClassification,)
-    options: ClassVar[dict[str, Any]] = {"aggregation_strategy": "simple", "ignore_labels": ("O",)}
+    options: ClassVar[dict[str, Any]] = {"aggregation_strategy": "first", "ignore_labels": ("O",)}
+    strategies: ClassVar[tuple[str, ...]] = ("first", "average", "max", "simple", "none")
+    option_rules: ClassVar[dict[str, Any]] = {"aggregation_strategy": _choice_option(*strategies)}
 
     def check_input(self, item: Any) -> None:
         if _text_of(item)[1] is not None:
@@ -283,9 +352,9 @@ class TokenClassificationPipeline(Pipeline):
 
     def _predict(self, items: list[Any], opts: dict[str, Any]) -> list[Any]:
         strategy = opts["aggregation_strategy"]
-        if strategy not in ("simple", "none"):
-            raise _unknown("aggregation_strategy", str(strategy), ["none", "simple"])
-        rows = self._encode(items, offsets=True)
+        if strategy not in self.strategies:
+            raise _unknown("aggregation_strategy", str(strategy), self.strategies)
+        rows = self._encode(items, offsets=True, word_ids=strategy in ("first", "average", "max"))
         # A row filling max_length was (almost surely) cut short.
         truncated = sum(1 for row in rows if len(row["input_ids"]) >= self.max_length)
         if truncated:
@@ -305,9 +374,34 @@ class TokenClassificationPipeline(Pipeline):
             ]
             if strategy == "none":
                 results.append([piece for piece in pieces if piece["entity"] not in ignore])
+            elif strategy != "simple":
+                words = self._words(p[:len(row["input_ids"])], row, text, strategy, labels)
+                results.append([g for g in self._group(words, text) if g["entity_group"] not in ignore])
             else:
                 results.append([g for g in self._group(pieces, text) if g["entity_group"] not in ignore])
         return results
+
+    @staticmethod
+    def _words(p: Tensor, row: Mapping[str, Any], text: str, strategy: str, labels: list[str]
+               ) -> list[dict[str, Any]]:
+        """One ``{"entity", "score", "start", "end"}`` per word, from the (T, labels) probabilities of its pieces."""
+        spans: dict[int, list[int]] = {}
+        for t, (w, (start, end)) in enumerate(zip(row["word_ids"], row["offset_mapping"])):
+            if w is not None and end > start:
+                spans.setdefault(w, []).append(t)
+        words = []
+        for pieces in spans.values():
+            probs = p[pieces]  # (pieces, labels)
+            if strategy == "first":
+                score, k = probs[0].max(-1)
+            elif strategy == "average":
+                score, k = probs.mean(0).max(-1)
+            else:
+                best = int(probs.max(-1).values.argmax())
+                score, k = probs[best].max(-1)
+            start, end = row["offset_mapping"][pieces[0]][0], row["offset_mapping"][pieces[-1]][1]
+            words.append({"entity": labels[int(k)], "score": float(score), "start": start, "end": end})
+        return words
 
     @staticmethod
     def _group(pieces: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -406,6 +500,7 @@ class FillMaskPipeline(Pipeline):
     task = "fill-mask"
     model_classes = (EncoderForMaskedLM, EncoderForPreTraining)
     options: ClassVar[dict[str, Any]] = {"top_k": 5}
+    option_rules: ClassVar[dict[str, Any]] = {"top_k": _int_option(1, 1000)}
 
     def _wrong_model_message(self, model: nn.Module) -> str:
         return (f"fill-mask needs a masked-LM head (EncoderForMaskedLM or EncoderForPreTraining), got a "
@@ -502,19 +597,54 @@ class FeatureExtractionPipeline(Pipeline):
         return [v.tolist() for v in vectors]
 
 
+# ------------------------------------------------------------------------------------------------ multiple choice
+
+
+class MultipleChoicePipeline(Pipeline):
+    """Inputs: ``{"question", "choices": [at least two strings], "context" (optional)}``, laid out the way
+    fine-tuning lays them out (``prepare_multiple_choice_features``). Output: ``{"label" (the best choice's index),
+    "choice", "score" (its softmax probability), "scores" (one per choice)}``."""
+
+    task = "multiple-choice"
+    model_classes = (EncoderForMultipleChoice,)
+
+    def check_input(self, item: Any) -> None:
+        if not isinstance(item, Mapping):
+            raise _bad_input(f"expected an object with 'question' and 'choices', got a {type(item).__name__}")
+        question, choices, context = item.get("question"), item.get("choices"), item.get("context", "")
+        if not isinstance(question, str):
+            raise _bad_input(f"field 'question' is {_kind(question)}; expected a string")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise _bad_input("field 'choices' must be a list of at least two strings")
+        if not isinstance(context, str):
+            raise _bad_input(f"field 'context' is {_kind(context)}; expected a string")
+
+    def _predict(self, items: list[Any], opts: dict[str, Any]) -> list[Any]:
+        examples = [MCExample(it["question"], it["choices"], None, "input", i, it.get("context", ""))
+                    for i, it in enumerate(items)]
+        features = prepare_multiple_choice_features(examples, self.tokenizer, self.max_length)
+        results = []
+        with torch.inference_mode():
+            for feat, ex in zip(features, examples):
+                batch = {k: torch.tensor([feat[k]], device=self.device) for k in MODEL_INPUTS}  # (1, C, T)
+                probs = self.model(**batch).logits.float().softmax(-1)[0].cpu()  # (C,)
+                best = int(probs.argmax())
+                results.append({"label": best, "choice": ex.choices[best], "score": float(probs[best]),
+                                "scores": probs.tolist()})
+        return results
+
+
 # ------------------------------------------------------------------------------------------------------ factory
 
 
 PIPELINES: dict[str, type[Pipeline]] = {cls.task: cls for cls in (
     TextClassificationPipeline, TokenClassificationPipeline, QuestionAnsweringPipeline, FillMaskPipeline,
-    FeatureExtractionPipeline)}
+    FeatureExtractionPipeline, MultipleChoicePipeline)}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TASKS = tuple(PIPELINES)
 
 
 def _task_of_class(cls: type[nn.Module]) -> str:
-    if cls is EncoderForMultipleChoice:
-        raise ValueError("multiple-choice models have no pipeline; name a task (e.g. feature-extraction) to use "
-                         "their encoder")
     head_task = getattr(cls, "task", "")
     if not head_task:  # a bare encoder: BertModel, AlbertModel, DistilBertModel
         return "feature-extraction"
@@ -528,7 +658,7 @@ def task_for_model(model: nn.Module | str | Path) -> str:
     encoder -> feature-extraction."""
     if isinstance(model, nn.Module):
         return _task_of_class(type(model))
-    config_json = json.loads((resolve_model_dir(model) / "config.json").read_text())
+    config_json = read_json_file(resolve_model_dir(model) / "config.json")
     return _task_of_class(model_class_for(config_json))
 
 
@@ -587,23 +717,22 @@ def read_inputs(path: str | Path) -> list[tuple[int, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     records: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if path.suffix.lower() in _TEXT_SUFFIXES:
-                records.append((lineno, line))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); inputs other than .txt are read as JSON "
-                                 f"Lines, one object per line") from None
-            if not isinstance(obj, dict):
-                raise _bad_input(f"{path}:{lineno}: expected a JSON object such as {{\"text\": ...}} or "
-                                 f"{{\"question\": ..., \"context\": ...}}, got {line.strip()[:80]}")
-            records.append((lineno, obj))
+    for lineno, raw in enumerate(text_lines(path), start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if path.suffix.lower() in _TEXT_SUFFIXES:
+            records.append((lineno, line))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); inputs other than .txt are read as JSON "
+                             f"Lines, one object per line") from None
+        if not isinstance(obj, dict):
+            raise _bad_input(f"{path}:{lineno}: expected a JSON object such as {{\"text\": ...}} or "
+                             f"{{\"question\": ..., \"context\": ...}}, got {line.strip()[:80]}")
+        records.append((lineno, obj))
     return records
 
 
@@ -634,7 +763,7 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="text-classification: the k best labels; fill-mask: k fillers (default 5)")
-    parser.add_argument("--aggregation", choices=["simple", "none"], default=None,
+    parser.add_argument("--aggregation", choices=list(TokenClassificationPipeline.strategies), default=None,
                         help="token-classification: group word pieces into entities (simple, default) or not")
     parser.add_argument("--handle-impossible-answer", action="store_true",
                         help="question-answering: answer \"\" when no span beats [CLS] (SQuAD 2.0 models)")

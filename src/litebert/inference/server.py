@@ -13,14 +13,21 @@ Endpoints:
   "context"}`` (question-answering). ``parameters`` are the pipeline's call options (``top_k``,
   ``aggregation_strategy``, ``pooling``, ``handle_impossible_answer``...).
 
-Errors are JSON ``{"error": message, "status": code}``: 400 malformed JSON, 404 unknown path, 405 wrong method,
-411 no Content-Length, 413 body over ``--max-body-bytes``, more than ``--max-inputs`` inputs, or an input over
+Errors are JSON ``{"error": message, "status": code}``: 400 malformed JSON (not UTF-8, a lone surrogate, nesting
+deeper than a request needs, a 20+ digit integer, NaN), 404 unknown path, 405 wrong method, 408 headers or body not
+received within ``--read-timeout``, 411 no Content-Length, 413 body over ``--max-body-bytes`` (refused on its
+Content-Length, unread), more than ``--max-inputs`` inputs, or an input over
 ``--max-seq-length`` tokens (inputs are never truncated silently), 422 well-formed but unusable (missing or mistyped
-fields, unknown parameters, no [MASK]), 503 queue full (with ``Retry-After``), 504 not answered within
-``--request-timeout``. Every check runs in the request's own thread before its job is queued: a bad request never
-reaches the model, so it cannot fail or stall anyone else's.
+fields, unknown or mistyped parameters, no [MASK]), 503 queue full (with ``Retry-After``) or more than
+``--max-connections`` connections, 504 not answered within ``--request-timeout``. Every check runs before the job
+is queued (character counts before token counts): a bad request never reaches the model, so it cannot fail or stall
+anyone else's.
 
-Micro-batching: request threads validate and queue jobs; one worker thread takes the first job, then every job
+HTTP is uvicorn's asyncio server with its h11 parser (a maintained, fuzzed HTTP/1.1 implementation): a connection
+is a coroutine, not a thread, so slow or idle clients cannot exhaust threads; headers and body each have a deadline.
+Threads are fixed: the event loop, a few checker threads (parse, validate, count tokens), the batcher's worker.
+
+Micro-batching: checker threads validate and queue jobs; one worker thread takes the first job, then every job
 already waiting (and, when the last batch held several jobs, any that arrive within ``--max-wait-ms``) up to
 ``--max-batch-size`` inputs, runs the pipeline once per set of parameters on the merged inputs (length-bucketed
 inside), and hands each job its slice. A lone client is never made to wait; concurrent ones share forward passes.
@@ -31,22 +38,26 @@ error. SIGINT / SIGTERM stop accepting, finish what is queued and in flight, the
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import difflib
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import uvicorn
 from tokenizers import Tokenizer
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..runtime import PRECISIONS
 from .memory import bound_kernel_caches, malloc_trim
@@ -57,7 +68,11 @@ __all__ = ["MicroBatcher", "ModelServer", "ServeConfig", "load_pipeline", "serve
 logger = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-_DRAIN_LIMIT = 16 << 20  # bodies up to this size are read and discarded before a 413, so the client sees the reply
+_DRAIN_LIMIT = 64 << 10  # bodies of endpoints that take none: read and dropped up to this size, else the reply closes
+_OVERSIZE_DRAIN = 16 << 20  # an oversize body up to this is read and dropped before its 413; beyond, the reply hangs up
+_MAX_DEPTH = 8  # JSON nesting a request needs is 4 ({"inputs": [{"choices": [...]}]}); deeper is refused
+_MAX_INT_DIGITS = 20
+_CHARS_PER_TOKEN = 32  # an input this many times longer (in characters) than the token limit cannot fit: 413 at once
 _QA_WINDOWS = 4  # default QA limit: a context may span about this many windows of max_length tokens
 
 
@@ -73,9 +88,15 @@ class ServeConfig:
     max_inputs: int = 64  # inputs per request
     max_seq_length: int | None = None  # tokens per input, special tokens included
     request_timeout_s: float = 30.0
+    read_timeout_s: float = 10.0  # headers, then the body, must each arrive within this (slow clients get 408)
+    max_connections: int = 512  # connections served at once; a request beyond gets 503
+    check_threads: int = 4  # threads that parse, validate and count tokens off the event loop
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_inputs"):
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {self.read_timeout_s}")
+        for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_inputs", "max_connections",
+                     "check_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
@@ -87,11 +108,13 @@ class ServeConfig:
 class RequestError(Exception):
     """An error answered with ``status`` and a JSON ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None, close: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
+        if close:  # the request's body is left unread: the connection cannot carry another request
+            self.headers["Connection"] = "close"
 
 
 # ------------------------------------------------------------------------------------------------------ batching
@@ -107,6 +130,7 @@ class Job:
     outputs: list[Any] | None = None
     error: RequestError | None = None
     cancelled: bool = False
+    callbacks: list[Callable[[], None]] = field(default_factory=list)  # called (from the worker) once done
 
     @property
     def key(self) -> str:
@@ -235,6 +259,8 @@ class MicroBatcher:
         self.stats["inputs"] += len(job.items)
         self.stats["errors"] += error is not None
         job.done.set()
+        for callback in job.callbacks:
+            callback()
 
 
 # -------------------------------------------------------------------------------------------------------- checks
@@ -253,6 +279,22 @@ class InputChecker:
         self.max_tokens = config.max_seq_length or pipe.max_length * (_QA_WINDOWS if self.task == "question-answering"
                                                                      else 1)
         self._tok = Tokenizer.from_str(pipe.tokenizer.backend.to_str())  # no truncation, no padding: counts all
+
+    def parse(self, raw: bytes) -> Job:
+        """A request body (bytes) -> a validated `Job`, or `RequestError`: 400 for what is not JSON text (invalid
+        UTF-8, lone surrogates, nesting deeper than a request needs, integers longer than any count, NaN), then the
+        checks of `job`."""
+        try:
+            text = raw.decode("utf-8")
+            body = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+        except UnicodeDecodeError as err:
+            raise RequestError(400, f"malformed JSON: the body is not UTF-8 ({err.reason} at byte {err.start})") from None
+        except RecursionError:
+            raise RequestError(400, "malformed JSON: nested too deeply") from None
+        except ValueError as err:  # JSONDecodeError, and the refusals of _bounded_int / _no_constant
+            raise RequestError(400, f"malformed JSON: {str(err)[:200]}") from None
+        _check_tree(body)
+        return self.job(body)
 
     def job(self, body: Any) -> Job:
         if not isinstance(body, dict):
@@ -277,6 +319,10 @@ class InputChecker:
                 valid = ", ".join(self.parameters) or "none"
                 raise RequestError(422, f"unknown {self.task} parameter {key!r}{_suggest(key, self.parameters)}; "
                                         f"valid: {valid}")
+        try:
+            self.pipe.check_options(parameters)
+        except ValueError as err:
+            raise RequestError(422, str(err)) from None
         for i, item in enumerate(items):
             try:
                 self.pipe.check_input(item)
@@ -294,10 +340,50 @@ class InputChecker:
             pieces = [item if isinstance(item, str) else
                       (item["text"], item["text_pair"]) if item.get("text_pair") is not None else item["text"]
                       for item in items]
+        max_chars = self.max_tokens * _CHARS_PER_TOKEN
+        for i, piece in enumerate(pieces):
+            chars = len(piece) if isinstance(piece, str) else sum(map(len, piece))
+            if chars > max_chars:  # cheap, and before any tokenizing: a huge text costs nothing to refuse
+                raise RequestError(413, f"input {i} is {chars} characters; inputs over {max_chars} cannot fit the "
+                                        f"limit of {self.max_tokens} tokens (--max-seq-length)")
         lengths = [len(enc.ids) for enc in self._tok.encode_batch_fast(pieces, add_special_tokens=True)]
         for i, n in enumerate(lengths):
             if n > self.max_tokens:
                 raise RequestError(413, f"input {i} is {n} tokens; the limit is {self.max_tokens} (--max-seq-length)")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits)} digits; no field takes more than {_MAX_INT_DIGITS}")
+    return int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_tree(body: Any) -> None:
+    """400 for nesting deeper than ``_MAX_DEPTH`` or a string that is not valid Unicode (a lone surrogate such as
+    ``"\\ud800"`` parses, but no tokenizer can take it). Iterative: a hostile body cannot exhaust the stack here."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise RequestError(400, f"malformed text: a lone surrogate ({value[err.start]!r}) is not Unicode text"
+                                   ) from None
+        elif isinstance(value, (list, dict)):
+            if depth > _MAX_DEPTH:
+                raise RequestError(400, f"malformed request: JSON nested deeper than {_MAX_DEPTH} levels")
+            children = list(value.items()) if isinstance(value, dict) else value
+            for child in children:
+                if isinstance(child, tuple):  # a (key, value) pair: keys are strings too
+                    stack.append((child[0], depth))
+                    stack.append((child[1], depth + 1))
+                else:
+                    stack.append((child, depth + 1))
 
 
 def _json_type(value: Any) -> str:
@@ -313,163 +399,175 @@ def _suggest(name: str, valid: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------- HTTP
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
-    disable_nagle_algorithm = True  # headers and body are two writes; Nagle + delayed ACK would add ~40 ms
-    timeout = 30  # seconds a connection may stall mid-request before its thread gives up
-    server: _HTTPServer
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on reading a request's headers: a client that trickles them (a byte
+    every few seconds) gets 408 and is disconnected after ``read_timeout`` seconds instead of holding a connection
+    for as long as it likes. The body's deadline is the app's (it reads the body itself)."""
 
-    # -- routing -----------------------------------------------------------------------------------------------
+    read_timeout: ClassVar[float] = 10.0
+    _guard: asyncio.TimerHandle | None = None
 
-    def do_GET(self) -> None:
-        self._route("GET")
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
 
-    def do_POST(self) -> None:
-        self._route("POST")
+    def _arm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        self._guard = self.loop.call_later(self.read_timeout, self._expire)
 
-    def do_PUT(self) -> None:
-        self._route("PUT")
+    def _expire(self) -> None:
+        self._guard = None
+        waiting_for_headers = self.cycle is None or self.cycle.response_complete
+        if waiting_for_headers and not self.transport.is_closing():
+            body = json.dumps({"error": f"request headers not received within {self.read_timeout:g} s",
+                               "status": 408}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                                 + body)
+            self.transport.close()
 
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request on this connection gets its own deadline
 
-    def do_PATCH(self) -> None:
-        self._route("PATCH")
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        super().connection_lost(exc)
 
-    _ROUTES: ClassVar[dict[str, str]] = {"/health": "GET", "/predict": "POST"}
 
-    def _route(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+class _Disconnected(Exception):
+    """The client went away mid-request: nobody to answer."""
+
+
+_ROUTES = {"/health": "GET", "/predict": "POST"}
+
+
+class _App:
+    """The ASGI application: routing, bounded body reads, and the hand-off to the checker threads and the batcher.
+
+    Parsing, validation and token counting run on a small fixed pool of threads (``check_threads``) so the event
+    loop never blocks on them; the model runs on the batcher's one worker thread."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+        self.config = server.config
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"].rstrip("/") or "/"
+        method = scope["method"]
         try:
-            allowed = self._ROUTES.get(path)
+            allowed = _ROUTES.get(path)
             if allowed != "POST" or method != "POST":
-                self._drain_body()  # a body nobody reads would be parsed as the next request on this connection
+                await self._drain(receive, headers)  # an unread body would be parsed as the next request
             if allowed is None:
-                raise RequestError(404, f"no such endpoint {path!r}; endpoints: GET /health, POST /predict")
+                raise RequestError(404, f"no such endpoint {path[:100]!r}; endpoints: GET /health, POST /predict")
             if method != allowed:
                 raise RequestError(405, f"{path} takes {allowed}, not {method}", {"Allow": allowed})
             if path == "/health":
-                self._reply(200, self.server.model_server.health())
+                await self._reply(send, 200, self.server.health())
             else:
-                self._predict()
+                await self._reply(send, 200, await self._predict(receive, headers))
         except RequestError as err:
-            self._reply(err.status, {"error": err.message, "status": err.status}, err.headers)
-
-    # -- predict -----------------------------------------------------------------------------------------------
-
-    def _predict(self) -> None:
-        ms = self.server.model_server
-        body = self._read_body(ms.config.max_body_bytes)
-        try:
-            parsed = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RequestError(400, f"malformed JSON: {err}") from None
-        job = ms.checker.job(parsed)
-        if not job.items:
-            self._reply(200, {"outputs": []})
+            await self._reply(send, err.status, {"error": err.message, "status": err.status}, err.headers)
+        except _Disconnected:
             return
+
+    async def _predict(self, receive: Any, headers: Mapping[str, str]) -> dict[str, Any]:
+        ms = self.server
+        body = await self._read_body(receive, headers, self.config.max_body_bytes)
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(ms.executor, ms.checker.parse, body)
+        if not job.items:
+            return {"outputs": []}
+        done = loop.create_future()
+        job.callbacks.append(lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
         with ms.track():
             ms.batcher.submit(job)
-            if not job.done.wait(ms.config.request_timeout_s):
+            try:
+                await asyncio.wait_for(done, ms.config.request_timeout_s)
+            except asyncio.TimeoutError:
                 job.cancelled = True
-                raise RequestError(504, f"no answer within {ms.config.request_timeout_s:g} s")
+                raise RequestError(504, f"no answer within {ms.config.request_timeout_s:g} s") from None
         if job.error is not None:
             raise job.error
-        self._reply(200, {"outputs": job.outputs})
+        return {"outputs": job.outputs}
 
-    def _content_length(self) -> int:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise RequestError(411, "chunked bodies are not accepted; send Content-Length")
-        raw = self.headers.get("Content-Length")
+    def _content_length(self, headers: Mapping[str, str]) -> int:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise RequestError(411, "chunked bodies are not accepted; send Content-Length", close=True)
+        raw = headers.get("content-length")
         if raw is None:
-            self.close_connection = True
-            raise RequestError(411, "missing Content-Length")
-        try:
-            n = int(raw)
-        except ValueError:
-            n = -1
-        if n < 0:
-            self.close_connection = True
-            raise RequestError(400, f"bad Content-Length {raw!r}")
-        return n
+            raise RequestError(411, "missing Content-Length", close=True)
+        if not raw.strip().isdigit() or len(raw) > 18:
+            raise RequestError(400, f"bad Content-Length {raw[:40]!r}", close=True)
+        return int(raw)
 
-    def _read_body(self, limit: int) -> bytes:
-        n = self._content_length()
-        if n > limit:
-            self._drain_body(n)
-            raise RequestError(413, f"request body is {n} bytes; the limit is {limit} (--max-body-bytes)")
-        return self.rfile.read(n)
+    async def _read_body(self, receive: Any, headers: Mapping[str, str], limit: int) -> bytes:
+        n = self._content_length(headers)
+        if n > limit:  # refused on the header alone: never parsed, let alone tokenized
+            message = f"request body is {n} bytes; the limit is {limit} (--max-body-bytes)"
+            if n > _OVERSIZE_DRAIN or "100-continue" in headers.get("expect", "").lower():
+                raise RequestError(413, message, close=True)  # not worth reading (or not yet sent): hang up
+            # Read and dropped, so that a client busy sending sees the 413 rather than a reset connection.
+            await self._receive(receive, n, discard=True)
+            raise RequestError(413, message)
+        return await self._receive(receive, limit)
 
-    def _drain_body(self, n: int | None = None) -> None:
-        """Read and drop a body we will not use, so the client reads our reply instead of a reset connection;
-        one too big to be worth reading closes the connection instead."""
-        if n is None:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                self.close_connection = True
-                return
+    async def _receive(self, receive: Any, limit: int, discard: bool = False) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.read_timeout_s
+        chunks, size = [], 0
+        while True:
             try:
-                n = max(0, int(self.headers.get("Content-Length", "0")))
-            except ValueError:
-                n = _DRAIN_LIMIT + 1
-        if n > _DRAIN_LIMIT:
-            self.close_connection = True
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"request body not received within {self.config.read_timeout_s:g} s",
+                                   close=True) from None
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body is over {limit} bytes (--max-body-bytes)", close=True)
+            if not discard:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _drain(self, receive: Any, headers: Mapping[str, str]) -> None:
+        """Read and drop a body nobody uses (small ones only; a big one closes the connection after the reply)."""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise RequestError(411, "chunked bodies are not accepted; send Content-Length", close=True)
+        raw = headers.get("content-length", "0")
+        n = int(raw) if raw.strip().isdigit() and len(raw) <= 18 else _DRAIN_LIMIT + 1
+        if n == 0:
             return
-        while n > 0:
-            chunk = self.rfile.read(min(n, 1 << 16))
-            if not chunk:
-                break
-            n -= len(chunk)
+        if n > _DRAIN_LIMIT:
+            raise RequestError(413, f"request body is {n} bytes; this endpoint takes none", close=True)
+        await self._receive(receive, _DRAIN_LIMIT)
 
-    def handle_expect_100(self) -> bool:
-        # A client that asks before sending (curl does for large bodies) learns about the limit without uploading.
-        try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            n = 0
-        if n > self.server.model_server.config.max_body_bytes:
-            self.close_connection = True
-            self._reply(413, {"error": f"request body is {n} bytes; the limit is "
-                                       f"{self.server.model_server.config.max_body_bytes} (--max-body-bytes)",
-                              "status": 413})
-            return False
-        return super().handle_expect_100()
-
-    # -- replies -----------------------------------------------------------------------------------------------
-
-    def _reply(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # http.server's own errors (bad request line, headers too large, unsupported method) as JSON too.
-        self.close_connection = True
-        try:
-            self._reply(code, {"error": message or self.responses.get(code, ("error",))[0], "status": code})
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s %s", self.address_string(), format % args)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # idle keep-alive connections must not hold up shutdown
-    request_queue_size = 128  # listen backlog; socketserver's 5 resets connections when many clients arrive at once
-    model_server: ModelServer
+    @staticmethod
+    async def _reply(send: Any, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8", errors="backslashreplace")
+        raw = [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(data)).encode())]
+        raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": data})
 
 
 class ModelServer:
     """A pipeline served over HTTP: ``ModelServer(pipe, port=0).start()`` serves in background threads;
-    ``.url`` is where, ``.stop()`` finishes the queued and in-flight requests and closes."""
+    ``.url`` is where, ``.stop()`` finishes the queued and in-flight requests and closes.
+
+    HTTP is uvicorn's (h11 parser, asyncio): a connection costs a coroutine, not a thread, so slow or idle clients
+    cannot exhaust threads; at most ``max_connections`` are served at once (more get 503), headers and body must
+    each arrive within ``read_timeout_s``. Threads: the event loop, ``check_threads`` checkers, the batcher."""
 
     def __init__(self, pipe: Pipeline, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
                  model_name: str = "", backend: str = "torch"):
@@ -479,20 +577,31 @@ class ModelServer:
         self.backend = backend
         self.checker = InputChecker(pipe, self.config)
         self.batcher = MicroBatcher(pipe, self.config.max_batch_size, self.config.max_wait_ms, self.config.max_queue)
-        self.httpd = _HTTPServer((host, port), _Handler)
-        self.httpd.model_server = self
+        self.executor = ThreadPoolExecutor(self.config.check_threads, thread_name_prefix="litebert-check")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(self.config.max_connections)
+        protocol = type("GuardedH11", (_GuardedH11,), {"read_timeout": self.config.read_timeout_s})
+        uv_config = uvicorn.Config(_App(self), http=protocol, lifespan="off", access_log=False, log_level="warning",
+                                   limit_concurrency=self.config.max_connections, timeout_keep_alive=5,
+                                   timeout_graceful_shutdown=int(self.config.request_timeout_s) + 1,
+                                   h11_max_incomplete_event_size=16 << 10)
+        self.http = uvicorn.Server(uv_config)
         self.started = time.time()
         self._inflight = 0
-        self._inflight_cv = threading.Condition()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="litebert-http", daemon=True)
+        self._inflight_lock = threading.Lock()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.http.serve(sockets=[self._sock])),
+                                        name="litebert-http", daemon=True)
 
     @property
     def host(self) -> str:
-        return self.httpd.server_address[0]
+        return self._sock.getsockname()[0]
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1]
+        return self._sock.getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -502,33 +611,39 @@ class ModelServer:
     def start(self) -> ModelServer:
         self.batcher.start()
         self._thread.start()
+        deadline = time.monotonic() + 30
+        ready = threading.Event()
+        while not self.http.started:  # uvicorn flips this once it accepts connections
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start (see the log)")
+            ready.wait(0.005)
         return self
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
-        """Counts a request in flight for the duration (`stop` waits for them)."""
-        with self._inflight_cv:
+        """Counts a request in flight for the duration."""
+        with self._inflight_lock:
             self._inflight += 1
         try:
             yield
         finally:
-            with self._inflight_cv:
+            with self._inflight_lock:
                 self._inflight -= 1
-                self._inflight_cv.notify_all()
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "task": self.pipe.task, "model": self.model_name, "backend": self.backend,
                 "queue_depth": len(self.batcher.queue), "in_flight": self._inflight,
+                "connections": len(self.http.server_state.connections), "threads": threading.active_count(),
                 "uptime_s": round(time.time() - self.started, 1), **self.batcher.stats,
                 "limits": {**asdict(self.config), "max_seq_length": self.checker.max_tokens}}
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting connections, answer every request already in, then close."""
-        self.httpd.shutdown()
-        with self._inflight_cv:
-            self._inflight_cv.wait_for(lambda: self._inflight == 0, timeout)
+        """Stop accepting connections, answer every request already in (uvicorn waits for them), then close."""
+        self.http.should_exit = True
+        self._thread.join(timeout)
         self.batcher.stop(timeout)
-        self.httpd.server_close()
+        self.executor.shutdown(wait=False)
+        self._sock.close()
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -586,6 +701,11 @@ def serve_main(argv: list[str]) -> int:
                              "max_length, 4x for question-answering)")
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
                         help="seconds before a queued request gets 504 (default: %(default)s)")
+    parser.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s,
+                        help="seconds a client has to send a request's headers, then its body; slower gets 408 "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="connections served at once; a request beyond gets 503 (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime intra-op threads")
     args = parser.parse_args(argv)
 
@@ -595,7 +715,8 @@ def serve_main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServeConfig(args.max_batch_size, args.max_wait_ms, args.max_queue, args.max_body_bytes, args.max_inputs,
-                         args.max_seq_length, args.request_timeout)
+                         args.max_seq_length, args.request_timeout, read_timeout_s=args.read_timeout,
+                         max_connections=args.max_connections)
     if args.host not in LOOPBACK:
         logger.warning("serving on %s: the API has no authentication; anyone who can reach this address can use it",
                        args.host)

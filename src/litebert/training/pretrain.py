@@ -22,17 +22,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from ..config import ConfigError, preset
 from ..data.corpus import expand_paths
 from ..data.pretraining import PretrainingConfig, build_pretraining_loader
 from ..heads import EncoderForMaskedLM, EncoderForPreTraining, from_pretrained
-from ..recipe import build, resolve, save_yaml
+from ..recipe import build, resolve
 from ..runtime import current_process
 from ..tokenizer import LiteTokenizer, load_tokenizer, train_tokenizer
 from .accel import pin_memory
 from .loop import TrainConfig, init_distributed, train
+from .rundir import claim_run, release_lock
+from .state import MANIFEST, atomic_save_dir, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +112,36 @@ def _files(value: Any) -> list[str]:
     return [str(v) for v in (value if isinstance(value, list) else [value])]
 
 
+def _usable_tokenizer_dir(tok_dir: Path) -> bool:
+    """A sealed (manifest-verified) tokenizer directory, or one written before directories were sealed whose
+    ``tokenizer.json`` loads: that one is re-sealed from ``tokenizer.json`` (the other files derive from it, and a
+    kill used to leave them torn). Anything else is trained again."""
+    if is_complete(tok_dir, verify_hashes=True):
+        return True
+    if not (tok_dir / "tokenizer.json").is_file() or (tok_dir / MANIFEST).exists():
+        return False
+    try:
+        tok = LiteTokenizer(Tokenizer.from_file(str(tok_dir / "tokenizer.json")))
+    except Exception:  # noqa: BLE001 - a torn tokenizer.json: train a new one
+        return False
+    with atomic_save_dir(tok_dir) as tmp:
+        tok.save(tmp)
+    log.warning("%s: re-wrote the tokenizer files from its tokenizer.json (the directory was not sealed)", tok_dir)
+    return True
+
+
 def prepare_tokenizer(section: dict[str, Any], train_files: list[str], out_dir: Path, rank: int) -> LiteTokenizer:
     if section["path"]:
         return load_tokenizer(section["path"])
     tok_dir = out_dir / "tokenizer"
-    if rank == 0 and not (tok_dir / "tokenizer.json").exists():
+    if rank == 0 and not _usable_tokenizer_dir(tok_dir):
         files = [str(p) for p in expand_paths(_files(section["files"]) or train_files)]
         log.info("training a %s tokenizer (vocab %d) on %d file pattern(s)", section["kind"], section["vocab_size"],
                  len(files))
-        train_tokenizer(files, kind=section["kind"], vocab_size=section["vocab_size"],
-                        lowercase=section["lowercase"], min_frequency=section["min_frequency"], out_dir=tok_dir)
+        # Written whole or not at all: a resume reads every file of it, so a kill mid-save must not leave a torn one.
+        with atomic_save_dir(tok_dir) as tmp:
+            train_tokenizer(files, kind=section["kind"], vocab_size=section["vocab_size"],
+                            lowercase=section["lowercase"], min_frequency=section["min_frequency"], out_dir=tmp)
     if dist.is_initialized():
         dist.barrier()
     return load_tokenizer(tok_dir)
@@ -153,8 +176,7 @@ def run_pretraining(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, An
     ex_cfg = build(PretrainingConfig, data, "data")
     train_cfg = build(TrainConfig, recipe["train"], "train")
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(recipe, out_dir / "run.yaml")
+        claim_run(out_dir, recipe, train_cfg.resume)
     tokenizer = prepare_tokenizer(recipe["tokenizer"], train_files, out_dir, rank)
     torch.manual_seed(train_cfg.seed)
     model = build_model(recipe["model"], tokenizer, ex_cfg.sop)
@@ -181,8 +203,10 @@ def run_pretraining(recipe: dict[str, Any], out_dir: str | Path) -> dict[str, An
     def save_final(m: nn.Module, d: Path) -> None:
         m.save_pretrained(d, tokenizer=tokenizer)
 
-    return train(model, pretraining_objective, loader, train_cfg, out_dir, evaluate=make_evaluator(held_out),
-                 save_final=save_final)
+    summary = train(model, pretraining_objective, loader, train_cfg, out_dir, evaluate=make_evaluator(held_out),
+                    save_final=save_final)
+    release_lock(out_dir)
+    return summary
 
 
 def pretrain_main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -38,6 +39,7 @@ __all__ = [
     "checkpoint_dir",
     "is_complete",
     "latest_checkpoint",
+    "load_latest_good",
     "load_training_state",
     "prune_checkpoints",
     "rank_state",
@@ -377,6 +379,27 @@ def latest_checkpoint(run_dir: str | os.PathLike, cleanup: bool = True) -> Path 
     """
     found = _complete_checkpoints(run_dir, cleanup)
     return found[-1][1] if found else None
+
+
+def load_latest_good(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+                      ) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that passes full verification (sha256 of every file) and loads, with its state.
+
+    A sealed checkpoint whose files were altered afterwards (bit rot, a disk that lied about a flush, a hand edit)
+    is renamed ``step-N.corrupt`` (kept for inspection, never picked again) and the previous one is tried."""
+    for _, path in reversed(_complete_checkpoints(run_dir, cleanup=True)):
+        # Only files that no longer match their manifest count as corrupt: a checkpoint that verifies but fails to
+        # load (another torch, no memory) is an error to see, not a reason to discard it.
+        if is_complete(path, verify_hashes=True):
+            return path, load_training_state(path, map_location=map_location, verify_hashes=False)
+        corrupt = path.with_name(path.name + ".corrupt")
+        logging.getLogger(__name__).warning("%s fails its sha256 check; moved to %s, falling back to the previous "
+                                            "checkpoint", path, corrupt.name)
+        with contextlib.suppress(OSError):
+            if corrupt.exists():
+                shutil.rmtree(corrupt)
+            os.replace(path, corrupt)
+    return None, None
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
