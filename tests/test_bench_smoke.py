@@ -52,6 +52,7 @@ def test_pretrain_throughput_quick_prints_all_figures(cpu):
 
 
 # -- litebert bench (inference) ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsys, cpu_class):
     """Every contender the CPU class runs natively is timed on the same weights; bf16 is n/a where it is emulated;
     the targets are the class's; the CPU is named."""
@@ -98,6 +99,7 @@ def test_inference_bench_times_every_backend_on_the_same_weights(tmp_path, capsy
             assert (needed <= fraction) == target["met"]
 
 
+@pytest.mark.slow
 def test_inference_bench_runs_an_explicitly_named_emulated_bf16(tmp_path, capsys):
     """Named in --backends, bf16 is timed even where it is emulated (with a warning), and nothing crashes."""
     from litebert import runtime

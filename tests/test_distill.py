@@ -323,6 +323,7 @@ def test_a_transfer_set_adds_teacher_labelled_sentences(data, teachers, tmp_path
     assert distill._ablation_recipe(recipe)["task"]["transfer"] == []
 
 
+@pytest.mark.slow
 def test_cli_task_distillation_with_hidden_losses_writes_the_report(data, teachers, tmp_path):
     root, _ = data
     out = tmp_path / "cli"

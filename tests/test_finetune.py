@@ -81,6 +81,7 @@ def _eval_rows(out: Path) -> list[dict]:
 
 
 # -- classification: the whole command ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_classification_cli_best_model_and_evaluate(model_dir, sentiment_csv, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", str(model_dir), "--task", "classification", "--train", str(sentiment_csv), "--out", str(out),

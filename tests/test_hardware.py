@@ -63,6 +63,7 @@ def test_precision_auto_follows_the_probe(caplog):
         runtime.resolve_precision("fp16")
 
 
+@pytest.mark.slow
 def test_environment_variable_simulates_the_class_and_caps_the_kernels():
     """``LITEBERT_CPU=avx2`` is read once by the probe, and caps oneDNN / ATen at AVX2 before any kernel runs."""
     code = ("import os, json, litebert; from litebert.runtime import hardware; h = hardware(); "
@@ -103,8 +104,8 @@ def test_old_recipes_bf16_flag_reads_as_precision(tmp_path):
     old.write_text("train:\n  bf16: 3\n")
     with pytest.raises(ConfigError, match="'train.bf16' must be true or false.*precision: auto \\| fp32 \\| bf16"):
         resolve(defaults, old)
-    with pytest.raises(ConfigError, match="train.precision must be one of auto, fp32, bf16, got 'fp16'"):
-        TrainConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="train.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        TrainConfig(precision="fp8")
 
 
 def test_shipped_recipes_say_auto():

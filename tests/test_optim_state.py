@@ -275,6 +275,7 @@ _CRASHER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_a_complete_checkpoint(tmp_path):
     # (mode, step the crashing save writes, step and tag latest_checkpoint must then find)
     cases = [("mid_write", 20, 10, "v1"), ("before_swap", 10, 10, "v1"), ("between_renames", 10, 10, "v2")]

@@ -44,6 +44,7 @@ def recipe(corpus, out_dir, *flags):
     return resolve(default_recipe(), None, args)
 
 
+@pytest.mark.slow
 def test_cli_writes_model_metrics_and_curves(corpus, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "litebert", "pretrain", "--out", str(out), "--train.max_steps", "8",
@@ -102,6 +103,7 @@ def test_resume_after_interruption_gives_the_same_losses(corpus, tmp_path, monke
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(corpus, tmp_path):
     single = tmp_path / "single"
     run_pretraining(recipe(corpus, single, "--train.max_steps", "6", "--train.batch_size", "8"), single)

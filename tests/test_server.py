@@ -316,6 +316,7 @@ def test_micro_batcher_isolates_the_failing_job():
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow
 def test_serve_main_on_free_port_stops_on_sigterm(model_dirs):
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -338,6 +339,7 @@ def test_serve_main_on_free_port_stops_on_sigterm(model_dirs):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_load_test_script_runs_and_passes(model_dirs):
     """bench/serve_load.py end to end on a tiny model with a handful of requests: every figure is reported and the
     pass criteria hold (no failed valid request, every bad one its 4xx, a clean stop)."""

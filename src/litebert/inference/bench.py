@@ -95,13 +95,16 @@ def forward_flops(config: EncoderConfig, batch: int, seq: int) -> float:
 
 
 # -------------------------------------------------------------------------------------------------- contenders
+def _check_model_name(name: str) -> None:
+    if name not in PRESETS and not (Path(name) / "config.json").exists():
+        raise ValueError(f"--models: '{name}' is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+
+
 def _model_dir(name: str, workdir: Path) -> Path:
     """A preset -> a saved, seeded random sequence classifier; a directory -> itself."""
+    _check_model_name(name)
     if name not in PRESETS:
-        path = Path(name)
-        if not (path / "config.json").exists():
-            raise ValueError(f"--models: '{name}' is neither a preset ({', '.join(PRESETS)}) nor a model directory")
-        return path
+        return Path(name)
     torch.manual_seed(0)
     model = EncoderForSequenceClassification(preset(name)).eval()
     return model.save_pretrained(workdir / name)
@@ -197,6 +200,8 @@ def run_bench(models: Sequence[str], shapes: Sequence[tuple[int, int]], backends
               skipped: dict[str, str] | None = None) -> dict[str, Any]:
     """Time every (model, shape, backend) except the ``skipped`` ones (``{backend: reason}``, reported as n/a); see
     the module docstring. Returns a JSON-able dict."""
+    for name in models:  # before the slow set-up below
+        _check_model_name(name)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     skipped = {b: r for b, r in (skipped or {}).items() if b in backends}
