@@ -218,7 +218,7 @@ def run_bench(models: Sequence[str], shapes: Sequence[tuple[int, int]], backends
     results: dict[str, Any] = {"threads": threads, "baseline": baseline, "backends": list(backends),
                                "skipped": skipped, "cpu": hw.cpu_model, "cpu_capability": hw.cpu_capability,
                                "cpu_class": cpu_class(), "simulated": hw.simulated,
-                               "matmul_peak_tflops": peaks, "rows": []}
+                               "matmul_peak_tflops": peaks, "rows": [], "capped_shapes": []}
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="litebert-bench-")))
@@ -229,10 +229,15 @@ def run_bench(models: Sequence[str], shapes: Sequence[tuple[int, int]], backends
                 diffs = check_outputs(config, forwards, baseline)
                 logger.info("%s: max |logit diff| to %s: %s", name, baseline,
                             ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
+                done = set()
                 for batch, seq in shapes:
-                    if seq > config.max_position_embeddings:
-                        raise ValueError(f"--shapes {batch}x{seq}: {name} has {config.max_position_embeddings} "
-                                         "positions")
+                    if seq > config.max_position_embeddings:  # what the model can take, as a pipeline truncates
+                        results["capped_shapes"].append(f"{name} {batch}x{seq} ran as {batch}x"
+                                                        f"{config.max_position_embeddings} (the model's positions)")
+                        seq = config.max_position_embeddings
+                    if (batch, seq) in done:
+                        continue
+                    done.add((batch, seq))
                     inputs = _inputs(config, batch, seq)
                     steps = {b: (lambda f=f, x=inputs: f(x)) for b, f in forwards.items()}
                     probe = interleaved_step_times(steps, rounds=1, steps_per_round=1, warmup=1)
@@ -323,6 +328,7 @@ def render(results: dict[str, Any]) -> str:
                + (f", simulated {results['simulated']}" if results.get("simulated") else "") + ")")
     lines = [machine, format_table(header, rows), "", legend]
     lines += [f"{backend}: n/a ({reason})" for backend, reason in results.get("skipped", {}).items()]
+    lines += results.get("capped_shapes", [])
     if results.get("other_load") is not None:
         lines.append(f"Other processes used {100 * results['other_load']:.0f}% of the CPUs during the run.")
     if results["targets"]:
