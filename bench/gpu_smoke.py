@@ -321,7 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="sequences per step (default 64; quick 4)")
     p.add_argument("--seq", type=int, help="sequence length (default 512; quick 32)")
     p.add_argument("--vocab", type=int, help="tokenizer vocabulary (default 8000; quick 300)")
-    p.add_argument("--workers", type=int, help="data-loading processes (default: all CPUs but two, at most 12, on a GPU; else 0)")
+    p.add_argument("--workers", type=int,
+                   help="data-loading processes (default: all CPUs but two, at most 12, on a GPU; else 0)")
     p.add_argument("--compile", action="store_true", help="train with torch.compile of the encoder")
     p.add_argument("--peak-tflops", type=float, help="the MFU denominator, TFLOP/s (default: spec sheet or measured)")
     p.add_argument("--inference-rounds", type=int, default=20)

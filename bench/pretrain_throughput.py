@@ -387,7 +387,8 @@ def report(r: dict) -> str:
          f"{r['versions']['transformers']}, CPU {r['versions']['cpu']} ({r['versions']['cpu_capability']}"
          + (f", simulated {r['versions']['simulated']}" if r["versions"]["simulated"] else "") + ")"),
         (f"matmul peak (best {r['matmul_peak_size']}^3): "
-         + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items()) + " TFLOP/s; useful work {flops['litebert'] / 1e9:.1f} GFLOP/step (transformers executes "
+         + ", ".join(f"{k} {v:.3f}" for k, v in peaks.items())
+         + f" TFLOP/s; useful work {flops['litebert'] / 1e9:.1f} GFLOP/step (transformers executes "
          f"{flops['transformers'] / 1e9:.1f}: its MLM decoder runs on every position)"),
         ("other processes' share of the CPUs while timing: " + ("unknown" if load is None else f"{100 * load:.0f}%")
          + (" -- a busy machine slows the many small ops of litebert's rows most: the ratios understate a quiet "

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("litebert.inference.bench", "bench_main",
               "inference latency vs transformers (fp32, bf16, ONNX int8), side by side in one run"),
     "info": ("litebert.cli", "info_main", "print a model directory's or preset's configuration and size"),
-    "env": ("litebert.cli", "env_main", "print the hardware litebert sees and what it will do with it (for bug reports)"),
+    "env": ("litebert.cli", "env_main", "print the hardware litebert sees and what it will do with it (bug reports)"),
 }
 
 

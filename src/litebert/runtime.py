@@ -285,8 +285,8 @@ def setup_process(device: str | torch.device | None = None) -> Process:
     """Pick this process's device and, under torchrun, join the process group (nccl on GPUs, gloo on CPUs).
 
     Under ``torchrun --nproc_per_node 1`` the process joins a group of one, so that a single GPU runs the very
-    path that many do (NCCL, ``DistributedDataParallel``, collectives). The GPU is selected first (``torch.cuda.set_device``) so that NCCL, the CUDA RNG and pinned memory use it;
-    the group is then bound to it. Calling again gives the same answer; the group is destroyed at exit
+    path that many do (NCCL, ``DistributedDataParallel``, collectives). The GPU is selected first
+    (``torch.cuda.set_device``) so that NCCL, the CUDA RNG and pinned memory use it; the group is then bound to it. Calling again gives the same answer; the group is destroyed at exit
     (:func:`teardown_process`)."""
     import atexit
 
