@@ -11,7 +11,7 @@ OUT=${DEMO_OUT:-demo-out}
 MINUTES=${DEMO_MINUTES:-6}
 
 echo "== hardware (precision auto: bf16 where it is native, else fp32)"
-$PY -m litebert env | sed -n '/cpu_model/p;/cpu_bf16/p;/precision auto (cpu)/p'
+$PY -m litebert env | sed -n '/^CPU /p;/^capability/p;/^precision auto/p'
 
 echo "== 1/3 corpus"
 if [ ! -d "$OUT/corpus/train" ]; then
