@@ -3,8 +3,9 @@
     litebert export --model runs/rt/final --out runs/rt/onnx --quantize int8 --validation runs/rt/data/test.jsonl
 
 OUT receives ``model.onnx`` (fp32, dynamic batch and sequence axes), ``model.int8.onnx`` with ``--quantize int8``,
-``config.json`` and the tokenizer files, so OUT is itself a model directory that `onnx_pipeline` and
-``litebert serve`` load, and ``export_report.json``: the largest difference of every output to eager PyTorch on
+``config.json`` and the tokenizer files, so OUT is itself a model directory that `litebert.pipeline` and
+``litebert serve`` load (``--format openvino`` adds ``openvino_model.xml/.bin``, see `litebert.inference.engines`),
+and ``export_report.json``: the largest difference of every output to eager PyTorch on
 padded and unpadded batches whose shapes differ from the traced one, and, with ``--validation``, the accuracy of
 eager, ONNX fp32 and int8 on that file, the change in points, and the examples/s of each backend.
 
@@ -461,7 +462,13 @@ def validate(model_dir: Path, out_dir: Path, files: Sequence[str], path: str | P
         backends.append(_Backend("transformers", _onnx_pipeline_class("text-classification")(
             _hf_model(model_dir), load_tokenizer(model_dir), **opts)))
     for name in files:
-        backends.append(_Backend(name, onnx_pipeline(out_dir, "text-classification", onnx_file=name, **opts)))
+        if name.endswith(".xml"):  # OpenVINO IR
+            from .engines import engine_pipeline
+
+            pipe = engine_pipeline(out_dir, "text-classification", "openvino", **opts)
+        else:
+            pipe = onnx_pipeline(out_dir, "text-classification", onnx_file=name, **opts)
+        backends.append(_Backend(name, pipe))
 
     result: dict[str, Any] = {"file": str(path), "examples": len(examples), "metric": "accuracy", "backends": {}}
     for b in backends:  # the first pass scores and warms up
@@ -508,7 +515,9 @@ def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="litebert export", description=description)
     parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: %(default)s)")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                        help="onnx (default), or openvino: model.onnx plus its OpenVINO IR (openvino_model.xml/.bin), "
+                             "which runs in bf16 where the CPU has it natively")
     parser.add_argument("--task", default="auto", choices=["auto", *TASK_OUTPUTS],
                         help="outputs to export; default: the task the model was trained for")
     parser.add_argument("--quantize", choices=["int8"], default=None,
@@ -584,6 +593,17 @@ def export_main(argv: list[str]) -> int:
         check["size_mb"] = round(path.stat().st_size / 2**20, 2)
         report["files"][name] = check
     fp32_ok = within_tolerance(report["files"][ONNX_FILE], args.atol, args.rtol)
+    if args.format == "openvino":
+        from .engines import OpenVinoEncoder, export_openvino
+
+        ov_path = export_openvino(onnx_path, out)
+        encoder = OpenVinoEncoder(ov_path)  # precision auto: what pipeline() will run
+        check = check_onnx(reference, encoder, cases)
+        check["precision"] = encoder.precision
+        report["files"][ov_path.name] = check
+        files[ov_path.name] = ov_path
+        if encoder.precision == "fp32":  # a bf16 hint rounds every product: judged by argmax and validation instead
+            fp32_ok = fp32_ok and within_tolerance(check, args.atol, args.rtol)
     report["fp32_within_tolerance"] = fp32_ok
 
     if args.validation is not None:
