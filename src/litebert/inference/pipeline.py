@@ -567,7 +567,7 @@ def pipeline(task: str | None = None, model: nn.Module | str | Path | None = Non
         raise ValueError("pipeline needs model=: a model directory or a loaded model")
     task = _resolve_task(task)
     kwargs = {"device": device, "batch_size": batch_size, "precision": precision, "max_length": max_length,
-                  "max_tokens": max_tokens, "pad_to_multiple_of": pad_to_multiple_of}
+              "max_tokens": max_tokens, "pad_to_multiple_of": pad_to_multiple_of}
     if isinstance(model, (str, Path)):
         from .engines import BACKEND_FILES, backends_in, choose_backend, engine_pipeline
 
