@@ -50,7 +50,8 @@ def _gold(examples, config) -> list[int]:
 def _export_dir(model_dir: Path, workdir: Path) -> Path:
     """Every litebert backend side by side: the exports plus a link to the PyTorch weights."""
     out = workdir / "all-backends"
-    assert export_main(["--model", str(model_dir), "--out", str(out), "--format", "openvino", "--quantize", "int8"]) == 0
+    formats = "openvino,ctranslate2"
+    assert export_main(["--model", str(model_dir), "--out", str(out), "--format", formats, "--quantize", "int8"]) == 0
     (out / "model.safetensors").symlink_to((model_dir / "model.safetensors").resolve())
     return out
 

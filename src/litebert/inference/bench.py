@@ -58,12 +58,14 @@ DEFAULT_SHAPES = ((1, 128), (32, 128), (1, 512))
 DEFAULT_BACKENDS = ("transformers", "fp32", "bf16", "int8")
 # litebert's own exports (``onnx``: ONNX Runtime fp32, ``openvino``: OpenVINO) join with --peers, so that the bench
 # can time every backend `pipeline(backend="auto")` may pick.
-OURS = (*DEFAULT_BACKENDS, "onnx", "openvino")
+OURS = (*DEFAULT_BACKENDS, "onnx", "openvino", "ctranslate2", "ctranslate2-int8")
 BACKENDS = (*OURS, *PEERS)
 # Largest |logit difference| to transformers fp32 accepted before timing, per contender (fp32 for the rest).
-TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "int8": 0.5, **{p: 0.5 for p, c in PEER_CLASS.items() if c == "int8"}}
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "int8": 0.5, "ctranslate2-int8": 0.5,
+             **{p: 0.5 for p, c in PEER_CLASS.items() if c == "int8"}}
 # Which accuracy class each of litebert's paths competes in (`PEER_CLASS` for the peers).
-OUR_CLASS = {"fp32": "fp32", "bf16": "fp32", "onnx": "fp32", "openvino": "fp32", "int8": "int8"}
+OUR_CLASS = {"fp32": "fp32", "bf16": "fp32", "onnx": "fp32", "openvino": "fp32", "ctranslate2": "fp32",
+             "int8": "int8", "ctranslate2-int8": "int8"}
 # What the issues ask for per CPU class, as (contender, shapes it applies to, minimum speed-up over transformers
 # fp32). Where bf16 is native, bf16 and int8 carry the speed; where it is not, litebert's fp32 must at least match
 # transformers and int8 must beat it.
@@ -89,6 +91,10 @@ def unavailable(backends: Sequence[str], explicit: bool = False) -> dict[str, st
             reasons[backend] = f"{module} is not installed (pip install 'litebert[test,export]')"
     if "openvino" in backends and not _importable("openvino"):
         reasons["openvino"] = "openvino is not installed (pip install 'litebert[peers]')"
+    for backend in ("ctranslate2", "ctranslate2-int8"):
+        if backend in backends and not (_importable("ctranslate2") and _importable("transformers")):
+            reasons[backend] = ("ctranslate2 (and transformers, for its converter) is not installed "
+                                "(pip install 'litebert[peers]')")
     reasons.update(peers_unavailable([b for b in backends if b in PEERS]))
     if any(b in PEERS for b in backends) and not _importable("transformers"):
         reasons.update({b: "the peers start from transformers' model, which is not installed" for b in backends
@@ -182,6 +188,20 @@ def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path, 
 
             out = workdir / f"{model_dir.name}-onnx"
             encoder = OpenVinoEncoder(export_openvino(_onnx_export(ours, out), out), threads, precision="auto")
+            forwards[backend] = lambda inputs, enc=encoder: torch.from_numpy(enc(**inputs)["logits"])
+        elif backend in ("ctranslate2", "ctranslate2-int8"):
+            from .engines import CT2_DIR, CTranslate2Encoder, export_ctranslate2
+
+            out = workdir / f"{model_dir.name}-onnx"
+            try:
+                path = out / CT2_DIR if (out / CT2_DIR / "model.bin").is_file() else export_ctranslate2(ours, model_dir,
+                                                                                                          out)
+            except ValueError as err:  # a family CTranslate2 cannot convert
+                if missing is None:
+                    raise
+                missing[backend] = str(err)
+                continue
+            encoder = CTranslate2Encoder(path, threads, "int8" if backend.endswith("int8") else "float32")
             forwards[backend] = lambda inputs, enc=encoder: torch.from_numpy(enc(**inputs)["logits"])
         elif backend in PEERS:
             try:
@@ -291,7 +311,8 @@ def run_bench(models: Sequence[str], shapes: Sequence[tuple[int, int]], backends
 
 
 # Bench name of each `pipeline()` backend (torch runs in the precision `auto` resolves to).
-_PIPELINE_BACKEND = {"onnx-int8": "int8", "openvino": "openvino", "onnx": "onnx"}
+_PIPELINE_BACKEND = {"onnx-int8": "int8", "openvino": "openvino", "onnx": "onnx", "ctranslate2": "ctranslate2",
+                     "ctranslate2-int8": "ctranslate2-int8"}
 
 
 def auto_choice(timed: Sequence[str]) -> str | None:
@@ -472,8 +493,8 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in DEFAULT_SHAPES),
                         help="comma-separated BATCHxSEQ (default: %(default)s)")
     parser.add_argument("--backends", default=None,
-                        help=f"comma-separated, the first is the baseline (default: {','.join(DEFAULT_BACKENDS)}, less those "
-                             "this machine cannot run well)")
+                        help=f"comma-separated, the first is the baseline (default: {','.join(DEFAULT_BACKENDS)}, "
+                             "less those this machine cannot run well)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per shape (default: %(default)s)")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="seconds per shape; fewer rounds (min 3) when they would take longer (default: 60)")

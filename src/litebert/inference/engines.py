@@ -3,15 +3,19 @@
 A model directory may hold any of these backends side by side (``litebert export`` writes the exported ones next to
 ``config.json`` and the tokenizer):
 
-==============  ==========================  ==================================================================
-backend         file                        engine
-==============  ==========================  ==================================================================
-``torch``       ``model.safetensors``       litebert's PyTorch model (fp32, or bf16 where it is native)
-``onnx``        ``model.onnx``              ONNX Runtime, fp32
-``onnx-int8``   ``model.int8.onnx``         ONNX Runtime, dynamic int8 (weights int8, activations per call)
-``openvino``    ``openvino_model.xml/.bin`` OpenVINO on CPU, converted from ``model.onnx``; precision hint f32
-                                            or bf16 (`Hardware.native_bf16` picks, as ``precision="auto"`` does)
-==============  ==========================  ==================================================================
+====================  ==========================  ============================================================
+backend               file                        engine
+====================  ==========================  ============================================================
+``torch``             ``model.safetensors``       litebert's PyTorch model (fp32, or bf16 where it is native)
+``onnx``              ``model.onnx``              ONNX Runtime, fp32
+``onnx-int8``         ``model.int8.onnx``         ONNX Runtime, dynamic int8 (int8 weights, activations per call)
+``openvino``          ``openvino_model.xml/.bin`` OpenVINO on CPU, converted from ``model.onnx``; precision hint
+                                                  f32, or bf16 where the probe says bf16 is native
+``ctranslate2``       ``ctranslate2/model.bin``   CTranslate2 float32 (BERT and DistilBERT sequence classifiers:
+                                                  its converter has no ALBERT, its encoder no classifier, so the
+                                                  head runs in PyTorch from ``ctranslate2/head.safetensors``)
+``ctranslate2-int8``  the same files              CTranslate2 int8 (weights quantised when loaded)
+====================  ==========================  ============================================================
 
 Every exported graph keeps litebert's edge over the engines' own exports: a sequence classifier computes the last
 layer for [CLS] alone, fill-mask projects only the [MASK] rows, and the pipeline in front of it tokenizes once and
@@ -22,16 +26,18 @@ allowed by ``precision``. The order is per CPU class, from ``python bench/infere
 ``docs/engines.md``):
 
 - no native bf16 (AVX2, AVX-512 without bf16): int8 first (it changes outputs by a little, so only when exported
-  and ``precision`` is ``auto``); then OpenVINO fp32, which was the fastest fp32 engine on the AVX2 machine at
-  batch 32 and ONNX Runtime's equal elsewhere, then ONNX Runtime fp32, then PyTorch.
+  and ``precision`` is ``auto``), CTranslate2's before ONNX Runtime's; then fp32: CTranslate2, OpenVINO, ONNX
+  Runtime, PyTorch. On the AVX2 machine CTranslate2 was the fastest engine of both classes at batch 1, where
+  litebert's own paths trailed it even with the [CLS]-only last layer.
 - native bf16 (AMX, AVX-512-bf16): PyTorch bf16 first, which ran 2.9-5x transformers there, then int8, OpenVINO
-  (bf16 hint), ONNX Runtime fp32. Only the AVX2 order is measured against the engines here; this one follows the
-  earlier PyTorch figures and is the first to revisit on such a machine.
+  (bf16 hint), CTranslate2, ONNX Runtime. Only the AVX2 order is measured against the engines here; this one follows
+  the earlier PyTorch figures and is the first to revisit on such a machine.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +54,12 @@ __all__ = ["BACKEND_FILES", "OPENVINO_FILE", "OpenVinoEncoder", "backend_order",
 logger = logging.getLogger(__name__)
 
 OPENVINO_FILE = "openvino_model.xml"
+CT2_DIR = "ctranslate2"
+CT2_FAMILIES = ("bert", "distilbert")  # CTranslate2 4.x converts these encoders; ALBERT it does not
 BACKEND_FILES = {"torch": "model.safetensors", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx",
-                 "openvino": OPENVINO_FILE}
+                 "openvino": OPENVINO_FILE, "ctranslate2": f"{CT2_DIR}/model.bin",
+                 "ctranslate2-int8": f"{CT2_DIR}/model.bin"}
+_HEAD_FILE = "head.safetensors"
 _TASK_KEY = ["litebert", "task"]  # where the OpenVINO IR keeps the task, as the ONNX file keeps it in its metadata
 
 
@@ -69,12 +79,13 @@ def backends_in(model_dir: str | Path) -> list[str]:
 def backend_order() -> tuple[str, ...]:
     """Fastest first, for this machine's CPU class (see the module docstring for the measurements behind it)."""
     if hardware().cpu_bf16:
-        return ("torch", "onnx-int8", "openvino", "onnx")
-    return ("onnx-int8", "openvino", "onnx", "torch")
+        return ("torch", "onnx-int8", "ctranslate2-int8", "openvino", "ctranslate2", "onnx")
+    return ("ctranslate2-int8", "onnx-int8", "ctranslate2", "openvino", "onnx", "torch")
 
 
 def _runnable(backend: str) -> bool:
-    module = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "openvino": "openvino"}.get(backend)
+    module = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "openvino": "openvino",
+              "ctranslate2": "ctranslate2", "ctranslate2-int8": "ctranslate2"}.get(backend)
     if module is None:
         return True
     import importlib.util
@@ -86,7 +97,7 @@ def choose_backend(present: Sequence[str], precision: str = "auto") -> str:
     """The ``backend="auto"`` pick among ``present``: the first of `backend_order` that is present, whose engine is
     installed and that ``precision`` allows (int8 only under ``auto``: an explicit precision asks for its numbers)."""
     for backend in backend_order():
-        if backend in present and _runnable(backend) and not (backend == "onnx-int8" and precision != "auto"):
+        if backend in present and _runnable(backend) and not (backend.endswith("int8") and precision != "auto"):
             return backend
     if present:
         raise ValueError(f"no usable backend among {', '.join(present)} (precision={precision}); install the engine "
@@ -155,6 +166,101 @@ class OpenVinoEncoder:
         return {name: np.array(request.get_tensor(name).data, dtype=np.float32) for name in self.output_names}
 
 
+# --------------------------------------------------------------------------------------------------- CTranslate2
+
+
+def convert_ctranslate2(model_dir: str | Path, out: str | Path, scratch: str | Path) -> Path:
+    """CTranslate2's own converter on a checkpoint directory (it loads it with ``transformers``), fp32 weights, into
+    ``out``; ``scratch`` receives a linked copy of the checkpoint with what the converter reads and this checkpoint
+    may lack: BERT's ``position_embedding_type`` (transformers 5 no longer keeps it in its config) and a vocabulary
+    (a bench preset has no tokenizer; ids are fed directly)."""
+    import json
+
+    import ctranslate2
+
+    model_dir, out, scratch = Path(model_dir), Path(out), Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "config.json" and not (scratch / f.name).exists():
+            (scratch / f.name).symlink_to(f.resolve())
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") not in CT2_FAMILIES:
+        raise ValueError(f"CTranslate2 has no {config.get('model_type')} converter (it converts "
+                         f"{', '.join(CT2_FAMILIES)})")
+    (scratch / "config.json").write_text(json.dumps({"position_embedding_type": "absolute", **config}))
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab = specials + [f"t{i}" for i in range(len(specials), config["vocab_size"])]
+        (scratch / "vocab.txt").write_text("\n".join(vocab))
+    ctranslate2.converters.TransformersConverter(str(scratch)).convert(str(out), quantization=None, force=True)
+    return out
+
+
+def export_ctranslate2(model: Any, model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A sequence classifier (``model``, loaded from ``model_dir``) as CTranslate2 runs it: its encoder converted into
+    ``out_dir/ctranslate2`` and the small head CTranslate2 has no place for (DistilBERT's pre-classifier, the
+    classifier) beside it in ``head.safetensors``. Returns the CTranslate2 directory."""
+    from safetensors.torch import save_file
+
+    from ..heads import EncoderForSequenceClassification
+
+    if not isinstance(model, EncoderForSequenceClassification):
+        raise TypeError(f"--format ctranslate2 exports sequence classifiers (text-classification), not a "
+                         f"{type(model).__name__}")
+    out = Path(out_dir) / CT2_DIR
+    convert_ctranslate2(model_dir, out, Path(out_dir) / ".ct2-src")
+    head = {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
+    if model.pre_classifier is not None:
+        head.update({f"pre_classifier.{k}": v for k, v in model.pre_classifier.state_dict().items()})
+    save_file({k: v.detach().float().contiguous() for k, v in head.items()}, str(out / _HEAD_FILE))
+    shutil.rmtree(Path(out_dir) / ".ct2-src", ignore_errors=True)
+    return out
+
+
+class CTranslate2Encoder:
+    """A CTranslate2 encoder plus the classifier head, called like `litebert.inference.export.OnnxEncoder` and
+    returning ``{"logits"}``. ``compute_type`` ``float32`` or ``int8`` (weights quantised when loaded). CTranslate2
+    computes every position of the last layer (it has no [CLS]-only mode); padding is given to it as lengths."""
+
+    output_names = ("logits",)
+    task = "text-classification"
+
+    def __init__(self, path: str | Path, threads: int | None = None, compute_type: str = "float32"):
+        import ctranslate2
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        self.encoder = ctranslate2.Encoder(str(path), device="cpu", compute_type=compute_type,
+                                           intra_threads=threads or torch.get_num_threads())
+        head = load_file(str(self.path / _HEAD_FILE))
+        self.classifier = (head["classifier.weight"], head["classifier.bias"])
+        self.pre_classifier = ((head["pre_classifier.weight"], head["pre_classifier.bias"])
+                               if "pre_classifier.weight" in head else None)
+        # DistilBERT (the family with a pre-classifier) has no token types, and CTranslate2 no table for them.
+        types = ("token_type_ids",) if self.pre_classifier is None else ()
+        self.input_names = ("input_ids", "attention_mask", *types)
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, np.ndarray]:
+        import ctranslate2
+
+        from .export import _numpy
+
+        ids = _numpy(input_ids)
+        lengths = (_numpy(attention_mask).sum(1) if attention_mask is not None else
+                   np.full(ids.shape[0], ids.shape[1]))
+        bert = self.pre_classifier is None
+        types = _numpy(token_type_ids).tolist() if token_type_ids is not None and bert else None
+        out = self.encoder.forward_batch(ctranslate2.StorageView.from_array(ids.astype(np.int32)),
+                                         ctranslate2.StorageView.from_array(lengths.astype(np.int32)), types)
+        with torch.inference_mode():
+            if bert:  # BERT: the engine's tanh pooler over [CLS]
+                vector = torch.as_tensor(np.asarray(out.pooler_output))  # (B, H)
+            else:  # DistilBERT: pre-classifier + ReLU over [CLS]
+                cls = torch.as_tensor(np.asarray(out.last_hidden_state))[:, 0]  # (B, H)
+                vector = torch.relu(torch.nn.functional.linear(cls, *self.pre_classifier))
+            return {"logits": torch.nn.functional.linear(vector, *self.classifier).numpy()}
+
+
 # ------------------------------------------------------------------------------------------------------- pipeline
 
 
@@ -181,6 +287,10 @@ def engine_pipeline(model_dir: str | Path, task: str | None, backend: str, threa
     if backend == "openvino":
         encoder: Any = OpenVinoEncoder(path, threads, precision)
         graph_precision = encoder.precision
+    elif backend.startswith("ctranslate2"):
+        int8 = backend.endswith("int8")
+        encoder = CTranslate2Encoder(path.parent, threads, "int8" if int8 else "float32")
+        graph_precision = "int8" if int8 else "fp32"
     else:
         encoder = OnnxEncoder(path, threads)
         graph_precision = "int8" if backend == "onnx-int8" else "fp32"
@@ -192,5 +302,5 @@ def engine_pipeline(model_dir: str | Path, task: str | None, backend: str, threa
     # "fp32" here only tells the pipeline not to cast: the graph's precision is its own.
     pipe = _onnx_pipeline_class(task)(model, tokenizer, precision="fp32", **kwargs)
     pipe.precision = graph_precision
-    pipe.backend = f"{backend}:{path.name}"
+    pipe.backend = f"{backend}:{BACKEND_FILES[backend]}"
     return pipe

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -42,7 +41,6 @@ PEER_CLASS = {"ort-fp32": "fp32", "ort-opt": "fp32", "ort-int8": "int8", "ov-fp3
               "ct2-int8": "int8"}
 PEER_PACKAGES = {"ort-fp32": "onnxruntime", "ort-opt": "onnxruntime", "ort-int8": "onnxruntime",
                  "ov-fp32": "openvino", "ct2-fp32": "ctranslate2", "ct2-int8": "ctranslate2"}
-_CT2_FAMILIES = ("bert", "distilbert")  # CTranslate2 4.x converts these encoders; ALBERT it does not
 
 Forward = Callable[[dict[str, Tensor]], Tensor]
 
@@ -116,27 +114,14 @@ def _ort_int8(src: Path) -> Path:
 
 
 def _ct2_dir(model_dir: Path, out: Path, model_type: str, vocab_size: int) -> Path:
+    from .engines import CT2_FAMILIES, convert_ctranslate2
+
     path = out / "ct2"
     if (path / "model.bin").is_file():
         return path
-    if model_type not in _CT2_FAMILIES:
+    if model_type not in CT2_FAMILIES:
         raise PeerUnavailable(f"CTranslate2 has no {model_type} converter")
-    import ctranslate2
-
-    # The converter reads two things this checkpoint may lack: BERT's position_embedding_type, which transformers 5
-    # no longer keeps in its config, and a vocabulary (a bench preset has no tokenizer; ids are fed directly).
-    src = out / "ct2-src"
-    src.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name != "config.json" and not (src / f.name).exists():
-            (src / f.name).symlink_to(f.resolve())
-    config = json.loads((model_dir / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({"position_embedding_type": "absolute", **config}))
-    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        (src / "vocab.txt").write_text("\n".join(specials + [f"t{i}" for i in range(len(specials), vocab_size)]))
-    ctranslate2.converters.TransformersConverter(str(src)).convert(str(path), quantization=None, force=True)
-    return path
+    return convert_ctranslate2(model_dir, path, out / "ct2-src")
 
 
 # ------------------------------------------------------------------------------------------------------ forwards

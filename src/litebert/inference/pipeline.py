@@ -654,6 +654,9 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto (default): bf16 where the hardware runs it natively, else fp32")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8", "openvino"],
+                        help="what runs the model when --model holds several (weights, litebert export outputs); "
+                             "auto (default): the fastest present for this machine")
     parser.add_argument("--top-k", type=int, default=None,
                         help="text-classification: the k best labels; fill-mask: k fillers (default 5)")
     parser.add_argument("--aggregation", choices=["simple", "none"], default=None,
@@ -679,7 +682,7 @@ def predict_main(argv: list[str]) -> int:
 
     records = read_inputs(args.input)  # syntax errors surface before the model is loaded
     pipe = pipeline(task, model=args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
-                    max_length=args.max_length, max_tokens=args.max_tokens, **options)
+                    max_length=args.max_length, max_tokens=args.max_tokens, backend=args.backend, **options)
     for lineno, item in records:
         try:
             pipe.check_input(item)
