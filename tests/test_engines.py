@@ -139,7 +139,8 @@ def test_auto_picks_a_backend_that_exists(cpu, present):
                 assert not chosen.endswith("int8")  # an explicit precision asks for its numbers
     with runtime.simulate("avx2"):
         assert engines.choose_backend(["torch", "onnx", "onnx-int8", "openvino"]) == "onnx-int8"
-        assert engines.choose_backend(["torch", "onnx", "openvino"], "fp32") == "openvino"
+        assert engines.choose_backend(["torch", "onnx", "openvino"], "fp32") == "torch"
+        assert engines.choose_backend(["onnx", "openvino"], "fp32") == "onnx"
 
 
 def test_auto_skips_an_engine_that_is_not_installed(monkeypatch):

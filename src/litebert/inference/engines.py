@@ -26,9 +26,10 @@ allowed by ``precision``. The order is per CPU class, from ``python bench/infere
 ``docs/engines.md``):
 
 - no native bf16 (AVX2, AVX-512 without bf16): int8 first (it changes outputs by a little, so only when exported
-  and ``precision`` is ``auto``), CTranslate2's before ONNX Runtime's; then fp32: CTranslate2, OpenVINO, ONNX
-  Runtime, PyTorch. On the AVX2 machine CTranslate2 was the fastest engine of both classes at batch 1, where
-  litebert's own paths trailed it even with the [CLS]-only last layer.
+  and ``precision`` is ``auto``), CTranslate2's before ONNX Runtime's (about twice as fast at batch 1 on
+  DistilBERT, level or ahead elsewhere); then fp32: litebert's PyTorch path (the fastest or level with the fastest
+  fp32 engine at five of six model x shape cells), CTranslate2, ONNX Runtime, and OpenVINO, which was never the
+  fastest there.
 - native bf16 (AMX, AVX-512-bf16): PyTorch bf16 first, which ran 2.9-5x transformers there, then int8, OpenVINO
   (bf16 hint), CTranslate2, ONNX Runtime. Only the AVX2 order is measured against the engines here; this one follows
   the earlier PyTorch figures and is the first to revisit on such a machine.
@@ -80,7 +81,7 @@ def backend_order() -> tuple[str, ...]:
     """Fastest first, for this machine's CPU class (see the module docstring for the measurements behind it)."""
     if hardware().cpu_bf16:
         return ("torch", "onnx-int8", "ctranslate2-int8", "openvino", "ctranslate2", "onnx")
-    return ("ctranslate2-int8", "onnx-int8", "ctranslate2", "openvino", "onnx", "torch")
+    return ("ctranslate2-int8", "onnx-int8", "torch", "ctranslate2", "onnx", "openvino")
 
 
 def _runnable(backend: str) -> bool:
