@@ -21,18 +21,17 @@ Every exported graph keeps litebert's edge over the engines' own exports: a sequ
 layer for [CLS] alone, fill-mask projects only the [MASK] rows, and the pipeline in front of it tokenizes once and
 runs length-bucketed batches, whatever the backend.
 
-`choose_backend` is the ``backend="auto"`` rule: the first backend of `backend_order` present in the directory and
-allowed by ``precision``. The order is per CPU class, from ``python bench/inference.py --peers`` (the table in
-``docs/engines.md``):
+`choose_backend` is the ``backend="auto"`` rule: the first backend of `backend_order` present in the directory, whose
+engine is installed and that ``precision`` allows. The order is per CPU class, from ``python bench/inference.py
+--peers`` and ``bench/engines_pipeline.py`` (figures and the CPU in ``docs/engines.md``):
 
 - no native bf16 (AVX2, AVX-512 without bf16): int8 first (it changes outputs by a little, so only when exported
-  and ``precision`` is ``auto``), CTranslate2's before ONNX Runtime's (about twice as fast at batch 1 on
-  DistilBERT, level or ahead elsewhere); then fp32: litebert's PyTorch path (the fastest or level with the fastest
-  fp32 engine at five of six model x shape cells), CTranslate2, ONNX Runtime, and OpenVINO, which was never the
-  fastest there.
-- native bf16 (AMX, AVX-512-bf16): PyTorch bf16 first, which ran 2.9-5x transformers there, then int8, OpenVINO
-  (bf16 hint), CTranslate2, ONNX Runtime. Only the AVX2 order is measured against the engines here; this one follows
-  the earlier PyTorch figures and is the first to revisit on such a machine.
+  and ``precision`` is ``auto``), CTranslate2's before ONNX Runtime's (far ahead on DistilBERT at batch 1, level
+  elsewhere); then fp32: litebert's PyTorch path (fastest or level with the fastest fp32 engine in most model x
+  shape cells), CTranslate2, ONNX Runtime, and OpenVINO, which was never the fastest there.
+- native bf16 (AMX, AVX-512-bf16): PyTorch bf16 first, which beat transformers several times over there, then int8,
+  OpenVINO (bf16 hint), CTranslate2, ONNX Runtime. Only the AVX2 order is measured against the engines; this one
+  follows the PyTorch figures and is the first to revisit on such a machine.
 """
 
 from __future__ import annotations
