@@ -46,6 +46,7 @@ from ..layers import prepack_linears
 from ..perf import OtherLoad, format_table, interleaved_step_times, matmul_peak
 from ..runtime import hardware, resolve_precision
 from .memory import keep_freed_memory
+from .peers import PEER_CLASS, PEERS, PeerUnavailable, peer_forward, peers_unavailable
 
 __all__ = ["BACKENDS", "DEFAULT_MODELS", "DEFAULT_SHAPES", "TARGETS", "bench_main", "cpu_class", "forward_flops",
            "prepare_contenders", "run_bench", "unavailable"]
@@ -54,9 +55,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("albert-base", "distilbert-base", "bert-base")
 DEFAULT_SHAPES = ((1, 128), (32, 128), (1, 512))
-BACKENDS = ("transformers", "fp32", "bf16", "int8")
-# Largest |logit difference| to transformers fp32 accepted before timing, per contender.
-TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "int8": 0.5}
+DEFAULT_BACKENDS = ("transformers", "fp32", "bf16", "int8")
+# litebert's own exports (``onnx``: ONNX Runtime fp32, ``openvino``: OpenVINO) join with --peers, so that the bench
+# can time every backend `pipeline(backend="auto")` may pick.
+OURS = (*DEFAULT_BACKENDS, "onnx", "openvino", "ctranslate2", "ctranslate2-int8")
+BACKENDS = (*OURS, *PEERS)
+# Largest |logit difference| to transformers fp32 accepted before timing, per contender (fp32 for the rest).
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "int8": 0.5, "ctranslate2-int8": 0.5,
+             **{p: 0.5 for p, c in PEER_CLASS.items() if c == "int8"}}
+# Which accuracy class each of litebert's paths competes in (`PEER_CLASS` for the peers).
+OUR_CLASS = {"fp32": "fp32", "bf16": "fp32", "onnx": "fp32", "openvino": "fp32", "ctranslate2": "fp32",
+             "int8": "int8", "ctranslate2-int8": "int8"}
 # What the issues ask for per CPU class, as (contender, shapes it applies to, minimum speed-up over transformers
 # fp32). Where bf16 is native, bf16 and int8 carry the speed; where it is not, litebert's fp32 must at least match
 # transformers and int8 must beat it.
@@ -77,9 +86,19 @@ def unavailable(backends: Sequence[str], explicit: bool = False) -> dict[str, st
     reasons = {}
     if "bf16" in backends and not hardware().cpu_bf16 and not explicit:
         reasons["bf16"] = "bf16 is emulated on this CPU (no AVX-512-bf16/AMX); --backends ...,bf16 times it anyway"
-    for backend, module in (("int8", "onnxruntime"), ("transformers", "transformers")):
+    for backend, module in (("int8", "onnxruntime"), ("onnx", "onnxruntime"), ("transformers", "transformers")):
         if backend in backends and not _importable(module):
             reasons[backend] = f"{module} is not installed (pip install 'litebert[test,export]')"
+    if "openvino" in backends and not _importable("openvino"):
+        reasons["openvino"] = "openvino is not installed (pip install 'litebert[peers]')"
+    for backend in ("ctranslate2", "ctranslate2-int8"):
+        if backend in backends and not (_importable("ctranslate2") and _importable("transformers")):
+            reasons[backend] = ("ctranslate2 (and transformers, for its converter) is not installed "
+                                "(pip install 'litebert[peers]')")
+    reasons.update(peers_unavailable([b for b in backends if b in PEERS]))
+    if any(b in PEERS for b in backends) and not _importable("transformers"):
+        reasons.update({b: "the peers start from transformers' model, which is not installed" for b in backends
+                        if b in PEERS})
     return reasons
 
 
@@ -137,19 +156,22 @@ def _torch_forward(model: nn.Module, first_token_only: bool = True) -> Forward:
     return forward
 
 
-def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path,
-                       threads: int) -> tuple[EncoderConfig, dict[str, Forward]]:
-    """Load the same weights into every backend asked for; returns the config and ``{backend: forward}``. The
-    process's allocator is set up as `pipeline()` sets it (`keep_freed_memory`), for every contender alike."""
+def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path, threads: int,
+                       missing: dict[str, str] | None = None) -> tuple[EncoderConfig, dict[str, Forward]]:
+    """Load the same weights into every backend asked for; returns the config and ``{backend: forward}``. A peer that
+    cannot run this model is left out, its reason put in ``missing``. The process's allocator is set up as
+    `pipeline()` sets it (`keep_freed_memory`), for every contender alike."""
     keep_freed_memory()
     ours = from_pretrained(str(model_dir)).eval()
     config = ours.config
     forwards: dict[str, Forward] = {}
+    hf = None
     for backend in backends:
-        if backend == "transformers":
+        if backend == "transformers" or (backend in PEERS and hf is None):
             from .export import _hf_model
 
             hf = _hf_model(model_dir, attn_implementation="sdpa")
+        if backend == "transformers":
             forwards[backend] = _torch_forward(hf)
         elif backend == "fp32":
             forwards[backend] = _torch_forward(prepack_linears(ours))
@@ -157,11 +179,40 @@ def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path,
             # As `pipeline(..., precision="bf16")` runs: weights cast once, bf16 end to end (autocast would re-cast every
             # weight on every call, most of a batch-1 call, and rule out the fused oneDNN linears).
             forwards[backend] = _torch_forward(prepack_linears(copy.deepcopy(ours).to(torch.bfloat16)))
-        elif backend == "int8":
+        elif backend in ("int8", "onnx"):
             from .export import OnnxEncoder
 
-            encoder = OnnxEncoder(int8_export(ours, workdir / f"{model_dir.name}-onnx"), threads)
+            out = workdir / f"{model_dir.name}-onnx"
+            path = int8_export(ours, out) if backend == "int8" else _onnx_export(ours, out)
+            encoder = OnnxEncoder(path, threads)
             forwards[backend] = lambda inputs, enc=encoder: torch.from_numpy(enc(**inputs)["logits"])
+        elif backend == "openvino":
+            from .engines import OpenVinoEncoder, export_openvino
+
+            out = workdir / f"{model_dir.name}-onnx"
+            encoder = OpenVinoEncoder(export_openvino(_onnx_export(ours, out), out), threads, precision="auto")
+            forwards[backend] = lambda inputs, enc=encoder: torch.from_numpy(enc(**inputs)["logits"])
+        elif backend in ("ctranslate2", "ctranslate2-int8"):
+            from .engines import CT2_DIR, CTranslate2Encoder, export_ctranslate2
+
+            out = workdir / f"{model_dir.name}-onnx"
+            try:
+                path = out / CT2_DIR if (out / CT2_DIR / "model.bin").is_file() else export_ctranslate2(ours, model_dir,
+                                                                                                          out)
+            except ValueError as err:  # a family CTranslate2 cannot convert
+                if missing is None:
+                    raise
+                missing[backend] = str(err)
+                continue
+            encoder = CTranslate2Encoder(path, threads, "int8" if backend.endswith("int8") else "float32")
+            forwards[backend] = lambda inputs, enc=encoder: torch.from_numpy(enc(**inputs)["logits"])
+        elif backend in PEERS:
+            try:
+                forwards[backend] = peer_forward(backend, model_dir, hf, workdir, threads)
+            except PeerUnavailable as err:
+                if missing is None:
+                    raise
+                missing[backend] = str(err)
         else:
             raise ValueError(f"--backends: unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     return config, forwards
@@ -170,10 +221,19 @@ def prepare_contenders(model_dir: Path, backends: Sequence[str], workdir: Path,
 def int8_export(model: nn.Module, out_dir: Path, opset: int | None = None) -> Path:
     """A copy of ``model`` exported to ``out_dir`` (at ``opset``, default the exporter's) and quantised to int8;
     returns the int8 file."""
-    from .export import INT8_FILE, ONNX_FILE, OPSET, export_onnx, quantize_int8
+    from .export import INT8_FILE, quantize_int8
 
-    onnx_path = export_onnx(copy.deepcopy(model), out_dir / ONNX_FILE, opset=opset or OPSET)
-    return quantize_int8(onnx_path, out_dir / INT8_FILE)
+    return quantize_int8(_onnx_export(model, out_dir, opset), out_dir / INT8_FILE)
+
+
+def _onnx_export(model: nn.Module, out_dir: Path, opset: int | None = None) -> Path:
+    """A copy of ``model`` exported to ``out_dir`` once (the fp32 file the int8 and OpenVINO contenders start from)."""
+    from .export import ONNX_FILE, OPSET, export_onnx
+
+    path = out_dir / ONNX_FILE
+    if path.is_file() and opset in (None, OPSET):
+        return path
+    return export_onnx(copy.deepcopy(model), path, opset=opset or OPSET)
 
 
 def check_outputs(config: EncoderConfig, forwards: dict[str, Forward], reference: str) -> dict[str, float]:
@@ -218,14 +278,17 @@ def run_bench(models: Sequence[str], shapes: Sequence[tuple[int, int]], backends
     results: dict[str, Any] = {"threads": threads, "baseline": baseline, "backends": list(backends),
                                "skipped": skipped, "cpu": hw.cpu_model, "cpu_capability": hw.cpu_capability,
                                "cpu_class": cpu_class(), "simulated": hw.simulated,
-                               "matmul_peak_tflops": peaks, "rows": [], "capped_shapes": []}
+                               "matmul_peak_tflops": peaks, "rows": [], "capped_shapes": [], "missing": {}}
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="litebert-bench-")))
         with OtherLoad() as load:
             for name in models:
                 model_dir = _model_dir(name, workdir)
-                config, forwards = prepare_contenders(model_dir, backends, workdir, threads)
+                missing: dict[str, str] = {}
+                config, forwards = prepare_contenders(model_dir, backends, workdir, threads, missing)
+                if missing:
+                    results["missing"][name] = missing
                 diffs = check_outputs(config, forwards, baseline)
                 logger.info("%s: max |logit diff| to %s: %s", name, baseline,
                             ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
@@ -255,7 +318,48 @@ def run_bench(models: Sequence[str], shapes: Sequence[tuple[int, int]], backends
                                 for b, ms in row["ms"].items()}
     results["other_load"] = load.fraction
     results["targets"] = check_targets(results)
+    for row in results["rows"]:
+        row["vs_peers"] = compare_with_peers(row)
     return results
+
+
+# Bench name of each `pipeline()` backend (torch runs in the precision `auto` resolves to).
+_PIPELINE_BACKEND = {"onnx-int8": "int8", "openvino": "openvino", "onnx": "onnx", "ctranslate2": "ctranslate2",
+                     "ctranslate2-int8": "ctranslate2-int8"}
+
+
+def auto_choice(timed: Sequence[str]) -> str | None:
+    """The contender `pipeline(backend="auto")` would run for a directory holding every litebert export timed here."""
+    from .engines import choose_backend
+
+    torch_name = "bf16" if hardware().cpu_bf16 else "fp32"
+    names = {**_PIPELINE_BACKEND, "torch": torch_name}
+    present = [b for b, n in names.items() if n in timed]
+    return names[choose_backend(present)] if present else None
+
+
+def compare_with_peers(row: dict[str, Any]) -> dict[str, Any]:
+    """litebert against the fastest peer at equal accuracy, for one row: ``auto`` (the automatic choice against the
+    fastest peer of its class), ``fp32`` and ``int8`` (litebert's fastest path of each class against the class's
+    fastest peer). Each entry: our contender, the peer, and ``x`` = peer time / ours (>= 1: litebert is as fast)."""
+    ms = row["ms"]
+    if not any(b in PEER_CLASS for b in ms):
+        return {}
+
+    def fastest(names: Sequence[str]) -> str | None:
+        return min(names, key=ms.__getitem__) if names else None
+
+    out: dict[str, Any] = {}
+    for cls in ("fp32", "int8"):
+        ours = fastest([b for b in ms if OUR_CLASS.get(b) == cls])
+        peer = fastest([b for b in ms if PEER_CLASS.get(b) == cls])
+        if ours and peer:
+            out[cls] = {"ours": ours, "peer": peer, "x": ms[peer] / ms[ours]}
+    auto = auto_choice(list(ms))
+    peer = fastest([b for b in ms if auto and PEER_CLASS.get(b) == OUR_CLASS[auto]])
+    if auto and peer:
+        out["auto"] = {"ours": auto, "peer": peer, "x": ms[peer] / ms[auto]}
+    return out
 
 
 def _row(name: str, config: EncoderConfig, batch: int, seq: int, times: dict[str, dict[str, list[float]]],
@@ -317,9 +421,10 @@ def render(results: dict[str, Any]) -> str:
               *(f"{b} %peak" for b in backends)]
     rows = []
     for r in results["rows"]:
-        rows.append([r["model"], f"{r['batch']}x{r['seq']}", *(f"{r['ms'][b]:.1f}" for b in backends),
-                     *(f"{r['speedup'][b]:.2f}" for b in backends if b != baseline),
-                     *(f"{100 * r['peak_fraction'][b]:.0f}%" for b in backends)])
+        rows.append([r["model"], f"{r['batch']}x{r['seq']}",
+                     *(f"{r['ms'][b]:.1f}" if b in r["ms"] else "n/a" for b in backends),
+                     *(f"{r['speedup'][b]:.2f}" if b in r["ms"] else "n/a" for b in backends if b != baseline),
+                     *(f"{100 * r['peak_fraction'][b]:.0f}%" if b in r["ms"] else "n/a" for b in backends)])
     peaks = results["matmul_peak_tflops"]
     legend = (f"x = speed-up over {baseline} (ratio of medians); %peak = model FLOPs / time / measured matmul peak "
               f"({', '.join(f'{k} {v:.2f}' for k, v in peaks.items())} TFLOP/s at {results['threads']} threads; int8 "
@@ -329,6 +434,9 @@ def render(results: dict[str, Any]) -> str:
     lines = [machine, format_table(header, rows), "", legend]
     lines += [f"{backend}: n/a ({reason})" for backend, reason in results.get("skipped", {}).items()]
     lines += results.get("capped_shapes", [])
+    lines += [f"{backend} on {model}: n/a ({reason})" for model, missing in results.get("missing", {}).items()
+              for backend, reason in missing.items()]
+    lines += _render_peers(results)
     if results.get("other_load") is not None:
         lines.append(f"Other processes used {100 * results['other_load']:.0f}% of the CPUs during the run.")
     if results["targets"]:
@@ -342,6 +450,41 @@ def render(results: dict[str, Any]) -> str:
             lines.append("(rounds: the middle half of the per-round speed-ups, each transformers' time / the contender's "
                          "in the same round; needs: the %peak the contender would have to reach to meet its target)")
     return "\n".join(lines)
+
+
+def _render_peers(results: dict[str, Any]) -> list[str]:
+    """The peers table: per row, litebert's automatic choice and its fastest path per accuracy class against the
+    fastest peer of that class, with %peak, and litebert fp32 against transformers; a cell below 1.0x says by how much
+    it falls short."""
+    rows, short = [], []
+    for r in results["rows"]:
+        vs = r.get("vs_peers")
+        if not vs:
+            continue
+        shape = f"{r['batch']}x{r['seq']}"
+        cells = [r["model"], shape]
+        for key in ("auto", "fp32", "int8"):
+            c = vs.get(key)
+            if c is None:
+                cells += ["n/a"] * 2
+                continue
+            frac = r["peak_fraction"]
+            cells += [f"{c['ours']} {100 * frac[c['ours']]:.0f}% vs {c['peer']} {100 * frac[c['peer']]:.0f}%",
+                      f"{c['x']:.2f}"]
+            if c["x"] < 1.0:
+                short.append(f"{key} {r['model']} {shape}: {c['ours']} is {100 * (1 - c['x']):.0f}% short of "
+                             f"{c['peer']} ({c['x']:.2f}x)")
+        vs_tf = r["speedup"].get("fp32") if "transformers" in r["ms"] else None
+        cells.append(f"{vs_tf:.2f}" if vs_tf is not None else "n/a")
+        if vs_tf is not None and vs_tf < 1.0:
+            short.append(f"fp32 vs transformers {r['model']} {shape}: {100 * (1 - vs_tf):.0f}% short ({vs_tf:.2f}x)")
+        rows.append(cells)
+    if not rows:
+        return []
+    header = ["model", "shape", "auto vs fastest peer, same class (%peak)", "x", "best fp32-class vs fp32 peer",
+              "x", "best int8 vs int8 peer", "x", "fp32 vs transformers x"]
+    return ["", "litebert against the engines (x = peer time / litebert time; >= 1.00 means litebert is as fast):",
+            format_table(header, rows), *(["Short: " + "; ".join(short)] if short else ["Short: none"])]
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -364,19 +507,24 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in DEFAULT_SHAPES),
                         help="comma-separated BATCHxSEQ (default: %(default)s)")
     parser.add_argument("--backends", default=None,
-                        help=f"comma-separated, the first is the baseline (default: {','.join(BACKENDS)}, less those "
-                             "this machine cannot run well)")
+                        help=f"comma-separated, the first is the baseline (default: {','.join(DEFAULT_BACKENDS)}, "
+                             "less those this machine cannot run well)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per shape (default: %(default)s)")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="seconds per shape; fewer rounds (min 3) when they would take longer (default: 60)")
     parser.add_argument("--threads", type=int, help="intra-op threads for every backend (default: torch's)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time litebert's ONNX/OpenVINO exports and the engines users pick instead (ONNX "
+                             "Runtime plain/optimised/int8, OpenVINO, CTranslate2 fp32/int8), each skipped as n/a "
+                             "when its package is absent; adds the litebert-vs-peers table")
     parser.add_argument("--json", help="also write the full results here")
     args = parser.parse_args(argv)
     try:
         shapes = [_shape(s) for s in args.shapes.split(",") if s]
     except argparse.ArgumentTypeError as e:
         parser.error(f"--shapes: {e}")
-    backends = [b for b in (args.backends or ",".join(BACKENDS)).split(",") if b]
+    default = ",".join(BACKENDS if args.peers else DEFAULT_BACKENDS)
+    backends = [b for b in (args.backends or default).split(",") if b]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         parser.error(f"--backends: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")

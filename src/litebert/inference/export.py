@@ -3,8 +3,9 @@
     litebert export --model runs/rt/final --out runs/rt/onnx --quantize int8 --validation runs/rt/data/test.jsonl
 
 OUT receives ``model.onnx`` (fp32, dynamic batch and sequence axes), ``model.int8.onnx`` with ``--quantize int8``,
-``config.json`` and the tokenizer files, so OUT is itself a model directory that `onnx_pipeline` and
-``litebert serve`` load, and ``export_report.json``: the largest difference of every output to eager PyTorch on
+``config.json`` and the tokenizer files, so OUT is itself a model directory that `litebert.pipeline` and
+``litebert serve`` load (``--format openvino`` adds ``openvino_model.xml/.bin``, see `litebert.inference.engines`),
+and ``export_report.json``: the largest difference of every output to eager PyTorch on
 padded and unpadded batches whose shapes differ from the traced one, and, with ``--validation``, the accuracy of
 eager, ONNX fp32 and int8 on that file, the change in points, and the examples/s of each backend.
 
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export_report.json"
+FORMATS = ("onnx", "openvino", "ctranslate2")  # `litebert export --format`; the engines are in `engines`
 # int8 weight formats (ONNX Runtime dynamic quantisation; activations are u8 in all three). `bench/int8_formats.py`
 # measures their accuracy and speed on a trained model. "s8" pairs u8 activations with s8 weights: on CPUs without
 # VNNI/AMX, ONNX Runtime's u8s8 kernels add two u8 x s8 products in 16 bits (vpmaddubsw), which saturates, so its
@@ -461,7 +463,14 @@ def validate(model_dir: Path, out_dir: Path, files: Sequence[str], path: str | P
         backends.append(_Backend("transformers", _onnx_pipeline_class("text-classification")(
             _hf_model(model_dir), load_tokenizer(model_dir), **opts)))
     for name in files:
-        backends.append(_Backend(name, onnx_pipeline(out_dir, "text-classification", onnx_file=name, **opts)))
+        if name.endswith(".xml") or name.startswith("ctranslate2"):  # OpenVINO IR, CTranslate2 (fp32 / int8)
+            from .engines import engine_pipeline
+
+            backend = "openvino" if name.endswith(".xml") else name
+            pipe = engine_pipeline(out_dir, "text-classification", backend, **opts)
+        else:
+            pipe = onnx_pipeline(out_dir, "text-classification", onnx_file=name, **opts)
+        backends.append(_Backend(name, pipe))
 
     result: dict[str, Any] = {"file": str(path), "examples": len(examples), "metric": "accuracy", "backends": {}}
     for b in backends:  # the first pass scores and warms up
@@ -508,7 +517,10 @@ def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="litebert export", description=description)
     parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: %(default)s)")
+    parser.add_argument("--format", default="onnx",
+                        help="comma-separated: onnx (default, always written); openvino: its OpenVINO IR "
+                             "(openvino_model.xml/.bin), run in bf16 where the CPU has it natively; ctranslate2: "
+                             "ctranslate2/ (BERT and DistilBERT sequence classifiers; fp32, or int8 when loaded)")
     parser.add_argument("--task", default="auto", choices=["auto", *TASK_OUTPUTS],
                         help="outputs to export; default: the task the model was trained for")
     parser.add_argument("--quantize", choices=["int8"], default=None,
@@ -536,6 +548,10 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--compare-transformers", action="store_true",
                         help="validation: also time the checkpoint as transformers runs it in fp32")
     args = parser.parse_args(argv)
+    formats = {f.strip() for f in args.format.split(",") if f.strip()}
+    if not formats or formats - set(FORMATS):
+        parser.error(f"--format: unknown {', '.join(sorted(formats - set(FORMATS))) or '(none given)'}; choose from "
+                     f"{', '.join(FORMATS)}")
 
     model_dir = resolve_model_dir(args.model)
     out = Path(args.out)
@@ -584,6 +600,26 @@ def export_main(argv: list[str]) -> int:
         check["size_mb"] = round(path.stat().st_size / 2**20, 2)
         report["files"][name] = check
     fp32_ok = within_tolerance(report["files"][ONNX_FILE], args.atol, args.rtol)
+    if "openvino" in formats:
+        from .engines import OpenVinoEncoder, export_openvino
+
+        ov_path = export_openvino(onnx_path, out)
+        encoder = OpenVinoEncoder(ov_path)  # precision auto: what pipeline() will run
+        check = check_onnx(reference, encoder, cases)
+        check["precision"] = encoder.precision
+        report["files"][ov_path.name] = check
+        files[ov_path.name] = ov_path
+        if encoder.precision == "fp32":  # a bf16 hint rounds every product: judged by argmax and validation instead
+            fp32_ok = fp32_ok and within_tolerance(check, args.atol, args.rtol)
+    if "ctranslate2" in formats:
+        from .engines import CT2_DIR, CTranslate2Encoder, export_ctranslate2
+
+        ct2_dir = export_ctranslate2(model, model_dir, out)
+        for compute_type, name in (("float32", CT2_DIR), ("int8", f"{CT2_DIR}-int8")):
+            check = check_onnx(reference, CTranslate2Encoder(ct2_dir, compute_type=compute_type), cases)
+            report["files"][name] = check
+            files[name] = ct2_dir
+        fp32_ok = fp32_ok and within_tolerance(report["files"][CT2_DIR], args.atol, args.rtol)
     report["fp32_within_tolerance"] = fp32_ok
 
     if args.validation is not None:

@@ -161,6 +161,7 @@ class Pipeline:
     options: ClassVar[dict[str, Any]] = {}
     option_rules: ClassVar[dict[str, Any]] = {}  # per-task checks, over the shared _OPTION_RULES
     default_max_length: ClassVar[int] = 512
+    backend: str = "torch"  # what runs the model: "torch", or "ENGINE:FILE" for an export (`engines.BACKEND_FILES`)
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: str | torch.device = "cpu", batch_size: int = 32,
                  precision: str = "auto", max_length: int | None = None, max_tokens: int | None = None,
@@ -674,34 +675,55 @@ def _resolve_task(task: str | None) -> str | None:
 def pipeline(task: str | None = None, model: nn.Module | str | Path | None = None, tokenizer: Any = None,
              device: str | torch.device = "cpu", batch_size: int = 32, precision: str = "auto",
              max_length: int | None = None, max_tokens: int | None = None, pad_to_multiple_of: int | None = None,
-             **options: Any) -> Pipeline:
+             backend: str = "auto", **options: Any) -> Pipeline:
     """A ready-to-call pipeline for ``task`` (None or "auto": the task the model was trained for, see
     `task_for_model`).
 
-    ``model`` is a model directory (litebert or ``transformers``; its tokenizer is loaded from it unless given)
-    or a loaded model (then ``tokenizer`` is required: a LiteTokenizer or a directory). ``batch_size`` rows per
-    forward pass, at most ``max_tokens`` padded tokens per pass when set; each batch is padded to its longest row
-    (rounded up to ``pad_to_multiple_of`` when set). ``precision``: ``auto`` (bf16 where the hardware runs it
-    natively, else fp32), ``fp32`` or ``bf16`` (runs anywhere; warns where bf16 is emulated and slow); a model whose
-    weights are in another dtype is cast once, into a copy. ``max_length`` truncates inputs (default: 512, 384 for question answering, capped at the
-    model's positions). Remaining keyword
-    arguments are the task's options (e.g. ``top_k``, ``aggregation_strategy``) and become its defaults.
+    ``model`` is a model directory or a loaded model (then ``tokenizer`` is required: a LiteTokenizer or a
+    directory). A directory may hold PyTorch weights (litebert or ``transformers``) and/or ``litebert export``
+    outputs (ONNX fp32, ONNX int8, OpenVINO); ``backend`` picks which runs: ``torch``, ``onnx``, ``onnx-int8``,
+    ``openvino``, or ``auto`` (default), the fastest present for this machine by the measured rule of
+    `litebert.inference.engines.choose_backend` (int8 only under ``precision="auto"``). The choice is logged and
+    kept in the pipeline's ``backend``. Its tokenizer is loaded from the directory unless given. ``batch_size``
+    rows per forward pass, at most ``max_tokens`` padded tokens per pass when set; each batch is padded to its
+    longest row (rounded up to ``pad_to_multiple_of`` when set). ``precision``: ``auto`` (bf16 where the hardware
+    runs it natively, else fp32), ``fp32`` or ``bf16`` (runs anywhere; warns where bf16 is emulated and slow); a
+    model whose weights are in another dtype is cast once, into a copy; an ONNX graph keeps its own precision, an
+    OpenVINO one takes it as its precision hint. ``max_length`` truncates inputs (default: 512, 384 for question
+    answering, capped at the model's positions). Remaining keyword arguments are the task's options (e.g.
+    ``top_k``, ``aggregation_strategy``) and become its defaults.
     """
     if model is None:
         raise ValueError("pipeline needs model=: a model directory or a loaded model")
     task = _resolve_task(task)
+    kwargs = {"device": device, "batch_size": batch_size, "precision": precision, "max_length": max_length,
+              "max_tokens": max_tokens, "pad_to_multiple_of": pad_to_multiple_of}
     if isinstance(model, (str, Path)):
-        model_dir = model
+        from .engines import BACKEND_FILES, backends_in, choose_backend, engine_pipeline
+
+        model_dir = resolve_model_dir(model)
+        if backend not in ("auto", *BACKEND_FILES):
+            raise _unknown("backend", backend, ["auto", *BACKEND_FILES])
+        chosen = choose_backend(backends_in(model_dir), precision) if backend == "auto" else backend
+        if chosen != "torch":
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"backend {chosen} runs on the CPU; use backend='torch' for device={device}")
+            kwargs.pop("device")
+            pipe = engine_pipeline(model_dir, task, chosen, tokenizer=tokenizer, **kwargs, **options)
+            logger.info("pipeline %s: backend %s (%s) for %s", pipe.task, pipe.backend, pipe.precision, model_dir)
+            return pipe
         if tokenizer is None:
-            tokenizer = load_tokenizer(resolve_model_dir(model_dir))
+            tokenizer = load_tokenizer(model_dir)
         model = from_pretrained(str(model_dir))
+        logger.info("pipeline: backend torch for %s", model_dir)
     elif tokenizer is None:
         raise ValueError("pipeline: a loaded model needs tokenizer= (a LiteTokenizer or a tokenizer directory)")
+    elif backend not in ("auto", "torch"):
+        raise ValueError(f"backend={backend!r} needs a model directory; a loaded model runs in PyTorch")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
     task = task or task_for_model(model)
-    return PIPELINES[task](model, tokenizer, device=device, batch_size=batch_size, precision=precision,
-                           max_length=max_length, max_tokens=max_tokens, pad_to_multiple_of=pad_to_multiple_of, **options)
+    return PIPELINES[task](model, tokenizer, **kwargs, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -761,6 +783,9 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto (default): bf16 where the hardware runs it natively, else fp32")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8", "openvino"],
+                        help="what runs the model when --model holds several (weights, litebert export outputs); "
+                             "auto (default): the fastest present for this machine")
     parser.add_argument("--top-k", type=int, default=None,
                         help="text-classification: the k best labels; fill-mask: k fillers (default 5)")
     parser.add_argument("--aggregation", choices=list(TokenClassificationPipeline.strategies), default=None,
@@ -786,7 +811,7 @@ def predict_main(argv: list[str]) -> int:
 
     records = read_inputs(args.input)  # syntax errors surface before the model is loaded
     pipe = pipeline(task, model=args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
-                    max_length=args.max_length, max_tokens=args.max_tokens, **options)
+                    max_length=args.max_length, max_tokens=args.max_tokens, backend=args.backend, **options)
     for lineno, item in records:
         try:
             pipe.check_input(item)

@@ -52,7 +52,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import uvicorn
@@ -60,10 +59,11 @@ from tokenizers import Tokenizer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..runtime import PRECISIONS
+from .engines import BACKEND_FILES
 from .memory import bound_kernel_caches, malloc_trim
 from .pipeline import Pipeline, pipeline
 
-__all__ = ["MicroBatcher", "ModelServer", "ServeConfig", "load_pipeline", "serve_main"]
+__all__ = ["MicroBatcher", "ModelServer", "ServeConfig", "serve_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -649,24 +649,6 @@ class ModelServer:
 # ----------------------------------------------------------------------------------------------------------- CLI
 
 
-def load_pipeline(model_dir: str | Path, task: str | None = None, backend: str = "auto", onnx_file: str | None = None,
-                  **kwargs: Any) -> tuple[Pipeline, str]:
-    """(pipeline, backend description) for a model directory: eager PyTorch when it has weights, else (or with
-    ``backend="onnx"``) an export directory's ONNX file, ``model.int8.onnx`` when present, else ``model.onnx``."""
-    from ..checkpoint import WEIGHT_FILES
-    from .export import INT8_FILE, ONNX_FILE, onnx_pipeline
-
-    model_dir = Path(model_dir)
-    if backend not in ("auto", "torch", "onnx"):
-        raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
-    has_weights = any((model_dir / name).is_file() for name in WEIGHT_FILES)
-    if backend == "torch" or (backend == "auto" and has_weights and onnx_file is None):
-        return pipeline(task, model=str(model_dir), **kwargs), "torch"
-    name = onnx_file or (INT8_FILE if (model_dir / INT8_FILE).is_file() else ONNX_FILE)
-    kwargs.pop("precision", None)
-    return onnx_pipeline(model_dir, task, onnx_file=name, **kwargs), f"onnx:{name}"
-
-
 def serve_main(argv: list[str]) -> int:
     """litebert serve --model DIR [--host 127.0.0.1] [--port 8000]: JSON HTTP API with dynamic micro-batching."""
     defaults = ServeConfig()
@@ -677,10 +659,10 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--task", default="auto", help="pipeline task (default: the one the model was trained for)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one and prints it")
-    parser.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                        help="auto: PyTorch when the directory has weights, else its ONNX file")
-    parser.add_argument("--onnx-file", default=None, help="ONNX file in --model (default: model.int8.onnx if present, "
-                                                          "else model.onnx)")
+    parser.add_argument("--backend", choices=["auto", *BACKEND_FILES], default="auto",
+                        help="the engine to serve with, among those in --model (default auto: the fastest for this "
+                             "CPU, see docs/engines.md)")
+    parser.add_argument("--onnx-file", default=None, help=argparse.SUPPRESS)  # older flag: model.onnx / .int8.onnx
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="PyTorch backend: auto (default; bf16 where the hardware runs it natively, else fp32), "
@@ -721,21 +703,23 @@ def serve_main(argv: list[str]) -> int:
         logger.warning("serving on %s: the API has no authentication; anyone who can reach this address can use it",
                        args.host)
     task = None if args.task == "auto" else args.task
-    pipe, backend = load_pipeline(args.model, task, args.backend, args.onnx_file, batch_size=args.batch_size,
-                                  precision=args.precision)
+    backend = args.backend
+    if args.onnx_file:  # the older way to choose an ONNX file
+        backend = "onnx-int8" if args.onnx_file == BACKEND_FILES["onnx-int8"] else "onnx"
+    pipe = pipeline(task, model=args.model, backend=backend, batch_size=args.batch_size, precision=args.precision)
     try:  # a model that cannot run here stops the server before it ever reports healthy
         pipe.warm_up()
     except RuntimeError as err:
         print(f"litebert serve: error: {err}", file=sys.stderr)
         return 2
-    server = ModelServer(pipe, args.host, args.port, config, model_name=str(args.model), backend=backend)
+    server = ModelServer(pipe, args.host, args.port, config, model_name=str(args.model), backend=pipe.backend)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     # The address on stdout, flushed, so scripts that start the server with --port 0 can read where it is.
-    print(json.dumps({"url": server.url, "task": pipe.task, "backend": backend}), flush=True)
-    logger.info("serving %s (%s, %s) on %s", args.model, pipe.task, backend, server.url)
+    print(json.dumps({"url": server.url, "task": pipe.task, "backend": pipe.backend}), flush=True)
+    logger.info("serving %s (%s, %s) on %s", args.model, pipe.task, pipe.backend, server.url)
     stop.wait()
     logger.info("stopping: finishing queued requests")
     server.stop()
