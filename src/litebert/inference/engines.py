@@ -148,16 +148,9 @@ class OpenVinoEncoder:
         self._local = threading.local()
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, np.ndarray]:
-        from .export import _numpy
+        from .export import encoder_feed
 
-        ids = _numpy(input_ids)
-        given = {"input_ids": ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        feed = {}
-        for name in self.input_names:
-            value = given.get(name)
-            if value is None:
-                value = np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids)
-            feed[name] = _numpy(value)
+        feed = encoder_feed(self.input_names, input_ids, attention_mask, token_type_ids)
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()

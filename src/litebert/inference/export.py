@@ -298,15 +298,23 @@ class OnnxEncoder:
         return self.metadata.get("litebert.task")
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> dict[str, np.ndarray]:
-        ids = _numpy(input_ids)
-        given = {"input_ids": ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        feed = {}
-        for name in self.input_names:
-            value = given.get(name)
-            if value is None:
-                value = np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids)
-            feed[name] = _numpy(value)
+        feed = encoder_feed(self.input_names, input_ids, attention_mask, token_type_ids)
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+
+def encoder_feed(input_names: Sequence[str], input_ids: Any, attention_mask: Any = None,
+                 token_type_ids: Any = None) -> dict[str, np.ndarray]:
+    """The numpy inputs an exported graph takes, by name: a missing mask means no padding, missing token types
+    are zeros."""
+    ids = _numpy(input_ids)
+    given = {"input_ids": ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    feed = {}
+    for name in input_names:
+        value = given.get(name)
+        if value is None:
+            value = np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids)
+        feed[name] = _numpy(value)
+    return feed
 
 
 def _numpy(x: Any) -> np.ndarray:
