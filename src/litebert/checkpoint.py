@@ -330,7 +330,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"{name_or_path}: not a local directory and could not be fetched ({e})") from None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, fsync it, then rename it over ``path``: a reader or a
+    crash never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -368,8 +370,8 @@ def save_model(model: nn.Module, save_dir: str | Path, tokenizer: Any = None) ->
         d["litebert_native_weights"] = True
         prefix = "encoder." if _is_bare_encoder(model) else ""
         tensors = {prefix + k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(save_dir / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(save_dir / "config.json", lambda p: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"))
+    atomic_write(save_dir / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(save_dir / "config.json", lambda p: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"))
     if tokenizer is not None:
         tokenizer.save(save_dir)
     return save_dir

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -193,13 +192,6 @@ def defaults_of(cls: type) -> dict[str, Any]:
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a resume compares the recipe with this record, so it is never left half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(yaml.safe_dump(data, sort_keys=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .checkpoint import atomic_write
+
+    atomic_write(Path(path), lambda tmp: tmp.write_text(yaml.safe_dump(data, sort_keys=False)))

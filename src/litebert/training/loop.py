@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..checkpoint import load_weights_into
+from ..checkpoint import atomic_write, load_weights_into
 from ..config import ConfigError
 from ..runtime import collective_device, ddp_device_args, gather_object, setup_process
 from .accel import (
@@ -200,9 +199,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self.path.exists():  # a resumed run drops what was logged after its checkpoint
-            tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.kept)))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
